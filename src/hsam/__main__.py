@@ -1,0 +1,3 @@
+from hsam.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""Self-describing H-SAM checkpoints: config + metadata + trainable tensors only.
+
+One file holds the resolved config, the backbone identity (name + sha256 of its weights),
+library versions, caller metadata (label names, intensity preprocessing, split hash, epoch,
+metrics) and the trainable tensors (LoRA, decoders, no-mask embedding). Loading rebuilds the
+model from the stored config, checks the backbone weights are the same file, and loads the
+tensors strictly. Writes are atomic: a temp file in the same folder, then a rename.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import hsam
+from hsam.build import BuiltModel, build_hsam
+from hsam.config import ModelConfig, from_dict
+from hsam.errors import CheckpointError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "hsam/1"
+
+
+def clean_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Strip DistributedDataParallel (`module.`) and torch.compile (`_orig_mod.`) prefixes."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    return out
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Tensors of the parameters that require grad (everything else is rebuilt on load)."""
+    return {
+        name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temp file beside `path`, fsync, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(
+    path: str | Path,
+    built: BuiltModel,
+    *,
+    config: dict[str, Any],
+    meta: dict[str, Any] | None = None,
+) -> None:
+    """Write `built.model`'s trainable tensors with `config` (must contain `model`)."""
+    if "model" not in config:
+        raise ValueError("config must contain the 'model' section")
+    model = built.model
+    frozen_missing = [
+        n for n, p in model.named_parameters() if not p.requires_grad and "lora_" in n
+    ]
+    if frozen_missing:
+        raise CheckpointError(
+            f"LoRA parameters are frozen and would not be saved: {frozen_missing[:5]}"
+        )
+    payload = {
+        "format": FORMAT,
+        "config": config,
+        "backbone": {
+            "name": built.weights.name,
+            "sha256": built.weights.sha256,
+            "init_seed": built.seed,
+        },
+        "versions": {"hsam": hsam.__version__, "torch": str(torch.__version__)},
+        "meta": meta or {},
+        "state_dict": trainable_state_dict(model),
+    }
+    atomic_torch_save(payload, path)
+    logger.info("saved checkpoint %s", path)
+
+
+@dataclass
+class LoadedCheckpoint:
+    built: BuiltModel
+    config: dict[str, Any]
+    model_config: ModelConfig
+    meta: dict[str, Any]
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot read checkpoint {path} (corrupt or not a torch file): {exc}"
+        ) from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not an hsam checkpoint (format {FORMAT!r}); hsam checkpoints are "
+            "written by `hsam train`."
+        )
+    return payload
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, Tensor], *, source: str) -> None:
+    """Load trainable tensors strictly: every trainable parameter, nothing else, same shapes."""
+    state = clean_state_dict(state)
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    misshaped = sorted(
+        f"{n}: checkpoint {tuple(state[n].shape)} vs model {tuple(params[n].shape)}"
+        for n in expected & set(state)
+        if state[n].shape != params[n].shape
+    )
+    if missing or unexpected or misshaped:
+        lines = [f"checkpoint {source} does not match the model built from its config:"]
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("mis-shaped", misshaped),
+        ):
+            if keys:
+                more = f" ... ({len(keys) - 10} more)" if len(keys) > 10 else ""
+                lines.append(f"{label} keys: {', '.join(keys[:10])}{more}")
+        raise CheckpointError("\n  ".join(lines))
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def load_checkpoint(
+    path: str | Path, *, backbone_weights: str | None = None, pretrained: bool = True
+) -> LoadedCheckpoint:
+    """Rebuild the model stored in `path` and load its trainable tensors.
+
+    `backbone_weights` overrides the stored path of a SAM checkpoint (e.g. on another
+    machine); its sha256 must equal the one recorded at training time.
+    """
+    payload = read_checkpoint(path)
+    config = payload["config"]
+    try:
+        model_cfg = from_dict(ModelConfig, config["model"], "checkpoint config.model")
+    except (KeyError, ConfigError) as exc:
+        raise CheckpointError(f"checkpoint {path} has an unusable config: {exc}") from exc
+    if backbone_weights is not None:
+        model_cfg.backbone_weights = backbone_weights
+    built = build_hsam(model_cfg, pretrained=pretrained, seed=payload["backbone"].get("init_seed"))
+    stored_sha = payload["backbone"].get("sha256")
+    if pretrained and stored_sha and built.weights.sha256 != stored_sha:
+        raise CheckpointError(
+            f"checkpoint {path} was trained on backbone weights with sha256 {stored_sha}, but "
+            f"{built.weights.path} has sha256 {built.weights.sha256}. Pass the same file with "
+            "--backbone-weights."
+        )
+    load_trainable_state(built.model, payload["state_dict"], source=str(path))
+    return LoadedCheckpoint(built, config, model_cfg, payload.get("meta", {}))

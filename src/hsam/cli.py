@@ -1,0 +1,106 @@
+"""`hsam` command line: thin handlers that parse arguments and call one library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+
+from hsam.config import ModelConfig
+from hsam.errors import HSAMError
+
+logger = logging.getLogger("hsam")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from hsam.info import format_info, model_info
+
+    if args.checkpoint:
+        from hsam.checkpoint import read_checkpoint
+
+        payload = read_checkpoint(args.checkpoint)
+        from hsam.config import from_dict
+
+        cfg = from_dict(ModelConfig, payload["config"]["model"], "checkpoint config.model")
+        info = model_info(cfg, resolve_weights=False)
+        info["backbone_weights"]["sha256"] = payload["backbone"]["sha256"]
+        info["checkpoint"] = {
+            "path": args.checkpoint,
+            **payload["versions"],
+            "meta": payload["meta"],
+        }
+    else:
+        cfg = ModelConfig(
+            backbone=args.backbone,
+            backbone_weights=args.backbone_weights,
+            image_size=args.image_size,
+            num_classes=args.num_classes,
+            lora_rank=args.lora_rank,
+            stages=args.stages,
+            cmattn=args.cmattn,
+        )
+        info = model_info(cfg)
+    sys.stdout.write((json.dumps(info, indent=2) if args.json else format_info(info)) + "\n")
+    return 0
+
+
+def _cmd_not_yet(name: str) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        raise HSAMError(f"`hsam {name}` is not available yet in this version.")
+
+    return handler
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hsam",
+        description="H-SAM: prompt-free SAM with hierarchical decoding for medical segmentation.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="parameter counts and backbone identity of a model")
+    info.add_argument("--checkpoint", help="an hsam checkpoint (overrides the options below)")
+    info.add_argument(
+        "--backbone",
+        default="sam_vit_b",
+        help="sam_vit_b | sam_vit_l | sam_vit_h | litemedsam | tiny",
+    )
+    info.add_argument("--backbone-weights", help="official SAM checkpoint file (sam_vit_*)")
+    info.add_argument("--image-size", type=int, default=512, help="input side S")
+    info.add_argument("--num-classes", type=int, default=8, help="foreground classes K")
+    info.add_argument("--lora-rank", type=int, default=4)
+    info.add_argument(
+        "--stages", type=int, default=2, choices=(1, 2), help="2 = H-SAM, 1 = SAMed baseline"
+    )
+    info.add_argument("--cmattn", default="paper", choices=("paper", "reference", "off"))
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(handler=_cmd_info)
+
+    demo = sub.add_parser("demo", help="few-shot H-SAM on the bundled sample (coming)")
+    demo.set_defaults(handler=_cmd_not_yet("demo"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.handler(args)
+    except HSAMError as exc:
+        logger.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,175 @@
+"""Typed configuration: plain dataclasses, loaded from YAML with unknown keys rejected.
+
+Every field that reproduces a behaviour of the authors' released code (rather than the paper)
+says so in its comment; `configs/upstream_code.yaml` switches all of them on at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from hsam.errors import ConfigError
+
+BlockOrder = Literal["self_first", "cross_first"]
+CMAttnMode = Literal["paper", "reference", "off"]
+FuseMode = Literal["probabilities", "logits"]
+MaskDirections = Literal["both", "token_to_image"]
+InputNormalization = Literal["backbone", "identity"]
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild an H-SAM network (stored in every checkpoint)."""
+
+    # Encoder preset: sam_vit_b | sam_vit_l | sam_vit_h | litemedsam | tiny.
+    backbone: str = "sam_vit_b"
+    # Path of an official SAM checkpoint (sam_vit_*); litemedsam uses the bundled weights,
+    # tiny is randomly initialised.
+    backbone_weights: str | None = None
+    # Input side S (multiple of 16 for ViT; 256 for LiteMedSAM).
+    image_size: int = 512
+    # Foreground classes K; the model predicts T = K + 1 masks, background first.
+    num_classes: int = 8
+    # LoRA rank on q and v (paper: 4; the released code defaults to 5).
+    lora_rank: int = 4
+    # LoRA scaling alpha / rank; None = no scaling (paper and released code).
+    lora_alpha: float | None = None
+    # Adapt only the last N attention blocks; None = every block (paper).
+    lora_last_n: int | None = None
+    # 2 = H-SAM; 1 = SAMed baseline (LoRA + SAM decoder only).
+    stages: int = 2
+    # Table 4 ablation switches.
+    mask_attention: bool = True
+    hierarchical_pixel_decoder: bool = True
+    # paper = working sigmoid gate + class-balanced noise; reference = the released code's
+    # softmax over a size-1 dimension (gate constantly 1, zero gradient); off = no CMAttn.
+    cmattn: CMAttnMode = "paper"
+    # Largest std of the class-balanced noise (given to the rarest class), relative to the std
+    # of the mask features.
+    cmattn_noise_max_std: float = 0.35
+    # Per-class noise std (T values) computed from the training set's class frequencies;
+    # None until training computes it (then no noise is added).
+    class_noise_std: list[float] | None = None
+    # Side of the grid CMAttn's class-token attention runs on (None = min(h, 32)): its feature
+    # dimension is grid**2, so very fine grids (LiteMedSAM's 64 x 64) are average-pooled.
+    cmattn_grid: int | None = None
+    # Two-way block order: SAM / paper Fig. 2 run self-attention first; the released code runs
+    # token-to-image cross-attention first in both stages.
+    block_order: BlockOrder = "self_first"
+    # Where the stage-1 prior multiplies stage-2 attention weights (paper Eq. 3 and DESIGN:
+    # both directions; token_to_image keeps image-to-token attention plain).
+    mask_attention_directions: MaskDirections = "both"
+    # Training-only Gaussian noise on the stage-2 input embedding, std = value x global range
+    # of the embedding (released code: 0.2; paper: none).
+    stage2_embedding_noise: float = 0.0
+    # Dropout on stage-2 token-to-image attention output (released code: 0.2; paper: none).
+    stage2_dropout: float = 0.0
+    # Mean of the two stages' probabilities (paper) or of their logits (released code).
+    fuse: FuseMode = "probabilities"
+    # backbone = the normalisation the pretrained encoder was trained with (SAM: ImageNet mean
+    # and std on a 0-255 scale; LiteMedSAM: [0, 1] as is); identity = SAMed/released code,
+    # images in [0, 1] straight into SAM.
+    input_normalization: InputNormalization = "backbone"
+
+
+def _is_optional(tp: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and type(None) in typing.get_args(tp):
+            return True, args[0]
+    return False, tp
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`, converting int->float where harmless."""
+    optional, inner = _is_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: null is not allowed here (expected {tp}).")
+    origin = typing.get_origin(inner)
+    if dataclasses.is_dataclass(inner):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}.")
+        return from_dict(inner, value, where)
+    if origin is Literal:
+        allowed = typing.get_args(inner)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(allowed)}.")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(inner)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}.")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}.")
+        return dict(value)
+    if inner is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if inner in (int, float, str, bool):
+        if not isinstance(value, inner) or (inner is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}: expected {inner.__name__}, got {value!r}.")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys are an error that lists valid ones."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {unknown}. Valid keys: {', '.join(names)}. "
+            "Check the spelling in your YAML file or --set override."
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Plain-type dict of a config dataclass (safe for YAML, JSON and torch weights_only)."""
+    return dataclasses.asdict(obj)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides (value parsed as YAML) to a nested mapping, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value.")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {key!r} is not a section.")
+        node[keys[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must contain a mapping at the top level.")
+    return data
+
+
+def dump_yaml(data: dict[str, Any]) -> str:
+    return yaml.safe_dump(data, sort_keys=False)
