@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from hsam.config import ModelConfig
 from hsam.errors import HSAMError
@@ -54,6 +55,34 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from hsam.config import load_run_config
+    from hsam.engine.trainer import run_training
+
+    if args.resume and args.out is None:
+        raise HSAMError("--resume needs --out RUN_DIR (the run to continue).")
+    cfg = load_run_config(args.config, args.set)
+    out = args.out or f"runs/{Path(args.config).stem}"
+    result = run_training(cfg, out, resume=args.resume)
+    logger.info("best checkpoint: %s", result.best_checkpoint)
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from hsam.data import prepare
+
+    result = prepare(
+        args.format,
+        args.src,
+        args.dst,
+        few_shot=args.few_shot,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    logger.info("prepared %s", result)
+    return 0
+
+
 def _cmd_not_yet(name: str) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
         raise HSAMError(f"`hsam {name}` is not available yet in this version.")
@@ -86,6 +115,30 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--cmattn", default="paper", choices=("paper", "reference", "off"))
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(handler=_cmd_info)
+
+    train = sub.add_parser("train", help="train H-SAM from a YAML config")
+    train.add_argument("config", help="run config (model / data / train sections)")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="a.b=v",
+        help="override a config value (repeatable), e.g. --set train.epochs=50",
+    )
+    train.add_argument("--out", help="run directory (default runs/<config name>)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.set_defaults(handler=_cmd_train)
+
+    prep = sub.add_parser("prepare", help="convert raw data to the training layout + splits")
+    prep.add_argument("format", help="synapse | la | acdc | promise12 | nnunet")
+    prep.add_argument("src", help="raw data folder")
+    prep.add_argument("dst", help="output folder (must not exist unless --overwrite)")
+    prep.add_argument(
+        "--few-shot", help="N cases, a fraction of slices (e.g. 0.1) or a standard split name"
+    )
+    prep.add_argument("--seed", type=int, default=None)
+    prep.add_argument("--overwrite", action="store_true")
+    prep.set_defaults(handler=_cmd_prepare)
 
     demo = sub.add_parser("demo", help="few-shot H-SAM on the bundled sample (coming)")
     demo.set_defaults(handler=_cmd_not_yet("demo"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -173,3 +174,89 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def dump_yaml(data: dict[str, Any]) -> str:
     return yaml.safe_dump(data, sort_keys=False)
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and which cases/slices train, validate and test."""
+
+    # la | acdc | synapse | promise12 | nnunet | prepared (see hsam.data.readers).
+    format: str = "la"
+    root: str = ""
+    # File of training case ids (default: the reader's standard training list).
+    train_list: str | None = None
+    # Few-shot: the first N cases of train_list (train_seed None, the LA/ACDC protocol) or N
+    # drawn with train_seed.
+    train_cases: int | None = None
+    train_seed: int | None = None
+    # Few-shot by slices: a file of slice ids (e.g. Synapse train_220.txt, ACDC
+    # train_slices.list) and optionally only its first N lines (ACDC 5%/10%: 68/136).
+    train_slices_list: str | None = None
+    train_slices: int | None = None
+    # Keep only slices with foreground (LA and PROMISE12 protocol).
+    foreground_only: bool = False
+    # Validation volumes carved from the training cases (never the test list).
+    val_cases: int = 0
+    val_seed: int = 0
+    # Cases to evaluate on (file of ids), used by `hsam evaluate --split test`.
+    test_list: str | None = None
+    # Foreground class count K; must match model.num_classes.
+    num_classes: int = 1
+
+
+@dataclass
+class AugmentConfig:
+    p_rotate: float = 0.5
+    max_angle: float = 20.0
+    p_scale: float = 0.5
+    scale_range: list[float] = dataclasses.field(default_factory=lambda: [0.85, 1.25])
+    p_elastic: float = 0.2
+    enabled: bool = True
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 300
+    # Per-process batch; effective batch = batch_size x accumulation_steps x processes.
+    batch_size: int = 8
+    accumulation_steps: int = 1
+    base_lr: float = 0.0025
+    weight_decay: float = 0.1
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 250
+    poly_power: float = 0.9
+    # Per-stage loss: (1 - dice_weight) * CE + dice_weight * Dice.
+    dice_weight: float = 0.9
+    # supplement: 1 - 0.6 ** (0.99 ** e) (released code); main_text: 0.8 exp(-0.005 e).
+    stage_weight_schedule: Literal["supplement", "main_text"] = "supplement"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: str = "auto"
+    seed: int = 2345
+    # Validate on the carved validation volumes every N epochs (and at the last epoch).
+    val_every: int = 10
+    num_workers: int = 0
+    # Cap optimiser steps per epoch (quick runs and tests); None = the whole data set.
+    max_steps_per_epoch: int | None = None
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+    # Slices per forward pass during validation inference.
+    inference_batch_size: int = 8
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a run config from YAML (or the defaults), apply `a.b=v` overrides, validate."""
+    data = load_yaml(path) if path is not None else {}
+    apply_overrides(data, list(overrides))
+    cfg = from_dict(RunConfig, data, "config")
+    if cfg.data.num_classes != cfg.model.num_classes:
+        raise ConfigError(
+            f"data.num_classes ({cfg.data.num_classes}) and model.num_classes "
+            f"({cfg.model.num_classes}) differ; set both to the number of foreground classes."
+        )
+    return cfg

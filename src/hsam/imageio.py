@@ -30,8 +30,6 @@ import gzip
 import io
 import logging
 import os
-import shutil
-import tempfile
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +39,10 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk  # noqa: N813
 
-from hsam.errors import DataError, OutputExistsError
+from hsam.atomic import atomic_output as _atomic_output
+from hsam.atomic import atomic_write_text as _atomic_write_text
+from hsam.atomic import refuse_existing
+from hsam.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -466,82 +467,22 @@ def _companions(path: Path) -> list[Path]:
     return []
 
 
-def refuse_existing(paths: Iterable[str | os.PathLike]) -> None:
-    """Raise :class:`~hsam.errors.OutputExistsError` for the first of ``paths`` that exists."""
-    for p in map(Path, paths):
-        if p.exists() or p.is_symlink():
-            raise OutputExistsError(
-                f"{p} already exists; choose another output path, delete it, or pass "
-                "overwrite=True (--overwrite on the command line)"
-            )
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Context manager yielding a temp path to write ``path`` atomically.
-
-    The temp file is hidden, in the destination directory, and ends with the same extension
-    (writers pick the format from it). On normal exit it is moved onto ``path`` with
-    :func:`os.replace`; on an exception it is deleted and nothing appears at ``path``. For
-    ``.mhd`` a hidden temp folder is used instead so the header's data-file name stays valid.
-
-    Raises:
-        OutputExistsError: ``path`` (or an ``.mhd``'s data file) exists and not ``overwrite``;
-            checked on entry and again just before the move.
-    """
+    """:func:`hsam.atomic.atomic_output` for a volume file: the temp file keeps the volume
+    extension (writers pick the format from it) and a ``.mhd``'s data file moves with it."""
     path = Path(path)
-    targets = [path, *_companions(path)]
-    if not overwrite:
-        refuse_existing(targets)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = 0o666 & ~_umask()
-    if targets[1:]:
-        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        try:
-            yield tmpdir / path.name
-            if not overwrite:
-                refuse_existing(targets)
-            written = sorted(tmpdir.iterdir(), key=lambda f: f.name == path.name)  # header last
-            for f in written:
-                os.replace(f, path.parent / f.name)
-        finally:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-        return
-    fd, name = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=f".tmp{_file_extension(path)}", dir=path.parent
-    )
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    with _atomic_output(
+        path, overwrite=overwrite, suffix=_file_extension(path), companions=_companions(path)
+    ) as tmp:
         yield tmp
-        if not overwrite:
-            refuse_existing(targets)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, *, overwrite: bool = False) -> Path:
-    """Write ``text`` (UTF-8, ``\\n`` line ends) to ``path`` atomically; see
-    :func:`atomic_output`."""
-    path = Path(path)
-    with (
-        atomic_output(path, overwrite=overwrite) as tmp,
-        open(tmp, "w", encoding="utf-8", newline="\n") as fh,
-    ):
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
+    """Write ``text`` to ``path`` atomically, refusing an existing file unless ``overwrite``."""
+    _atomic_write_text(path, text, overwrite=overwrite)
     logger.info("wrote %s", path)
-    return path
+    return Path(path)
 
 
 # --------------------------------------------------------------------------------------------

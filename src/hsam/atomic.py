@@ -1,0 +1,102 @@
+"""Atomic file output: write to a hidden temp file beside the target, then rename over it.
+
+A crash or an exception never leaves a half-written file at the target path, and an existing
+target is refused unless the caller allows overwriting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from hsam.errors import OutputExistsError
+
+logger = logging.getLogger(__name__)
+
+
+def refuse_existing(paths: Iterable[str | os.PathLike]) -> None:
+    """Raise :class:`~hsam.errors.OutputExistsError` for the first of ``paths`` that exists."""
+    for p in map(Path, paths):
+        if p.exists() or p.is_symlink():
+            raise OutputExistsError(
+                f"{p} already exists; choose another output path, delete it, or pass "
+                "overwrite=True (--overwrite on the command line)"
+            )
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_output(
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = True,
+    suffix: str = "",
+    companions: Iterable[Path] = (),
+) -> Iterator[Path]:
+    """Yield a temp path to write ``path`` atomically.
+
+    The temp file is hidden, in the destination folder, and ends with ``suffix`` (writers that
+    pick the format from the extension need it). On normal exit it is moved onto ``path``; on
+    an exception it is deleted and nothing appears at ``path``. When the writer also creates
+    ``companions`` (e.g. a MetaImage ``.mhd``'s data file), a hidden temp folder is used and
+    every file in it is moved, the main file last.
+
+    Raises:
+        OutputExistsError: a target exists and not ``overwrite`` (checked on entry and again
+            just before the move).
+    """
+    path = Path(path)
+    targets = [path, *companions]
+    if not overwrite:
+        refuse_existing(targets)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = 0o666 & ~_umask()
+    if targets[1:]:
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            yield tmpdir / path.name
+            if not overwrite:
+                refuse_existing(targets)
+            written = sorted(tmpdir.iterdir(), key=lambda f: f.name == path.name)
+            for f in written:
+                os.replace(f, path.parent / f.name)
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        return
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        if not overwrite:
+            refuse_existing(targets)
+        os.chmod(tmp, mode)  # mkstemp creates 0600; follow the umask like a normal write
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically (fsync before the rename)."""
+    path = Path(path)
+    with atomic_output(path, overwrite=overwrite) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, overwrite: bool = True) -> Path:
+    """Write UTF-8 ``text`` with ``\\n`` line ends to ``path`` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite)

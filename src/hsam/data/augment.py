@@ -1,0 +1,204 @@
+"""Geometric augmentation of 2-D training slices (rotation, scaling, elastic deformation).
+
+All transforms are composed into ONE backward coordinate map (output pixel -> input position),
+so each sample is resampled once. The image is interpolated (linear or cubic); the label is
+always resampled with nearest neighbour (``order=0``) on the same coordinates, so image and
+label stay aligned and the label never gains a value: every output label value is an input
+label value, or 0 (background) where the transform reaches outside the slice. (The upstream
+H-SAM elastic path interpolates labels linearly, which invents class ids at borders.)
+
+Randomness comes from one :class:`numpy.random.Generator`: the same seed gives the same sequence
+of augmentations. For data-loader workers, pass a per-sample generator to
+:meth:`Augmenter.__call__` (``SliceDataset`` derives one from ``(seed, epoch, index)``), which
+makes results independent of the number of workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+from scipy import ndimage
+
+from hsam.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Augmenter", "AUGMENT_OPS"]
+
+#: Names of the transforms, in the order they are composed (rotate, then scale, then elastic).
+AUGMENT_OPS = ("rotate", "scale", "elastic")
+
+
+class Augmenter:
+    """Random rotation, scaling and elastic deformation of an ``(H, W)`` image/label pair.
+
+    Args:
+        seed: an ``int`` seed, a ready :class:`numpy.random.Generator`, or ``None`` (fresh
+            OS entropy; not reproducible).
+        p_rotate: probability of a rotation by an angle drawn uniformly from
+            ``[-max_angle, max_angle]`` degrees about the slice centre. Default 0.5.
+        max_angle: rotation range in degrees. Default 20 (paper: +-20).
+        p_scale: probability of an isotropic zoom by a factor drawn uniformly from
+            ``scale_range`` about the centre (>1 zooms in and crops, <1 zooms out and pads with
+            the fill value); the output keeps the input size. Default 0.5.
+        scale_range: ``(low, high)`` zoom factors. Default ``(0.85, 1.25)``.
+        p_elastic: probability of an elastic deformation. Default 0.2.
+        elastic_sigma: smoothness of the random displacement field: Gaussian sigma as a
+            fraction of the slice side (upstream: 0.08).
+        elastic_magnitude: RMS displacement as a fraction of the slice side (0.01 = 5 px at
+            512; upstream's alpha = 2W with sigma = 0.08W gives about 4 px at any size).
+        image_order: spline order for the image, 1 (linear) or 3 (cubic).
+        mode: ``"independent"`` (default): each transform is applied with its own probability,
+            any combination can occur; ``"one_of"``: at most one transform per sample, chosen
+            with probabilities ``p_rotate``, ``p_scale``, ``p_elastic`` (sum <= 1; the rest is
+            "none"), like the upstream code (0.45 / 0.4125 / 0.1169 there).
+
+    Image fill outside the slice is the slice minimum (background for CT windows and MR);
+    label fill is 0. After each call :attr:`last_applied` names the transforms used.
+    """
+
+    def __init__(
+        self,
+        seed: int | np.random.Generator | None = None,
+        *,
+        p_rotate: float = 0.5,
+        max_angle: float = 20.0,
+        p_scale: float = 0.5,
+        scale_range: tuple[float, float] = (0.85, 1.25),
+        p_elastic: float = 0.2,
+        elastic_sigma: float = 0.08,
+        elastic_magnitude: float = 0.01,
+        image_order: int = 1,
+        mode: str = "independent",
+    ) -> None:
+        for name, p in (("p_rotate", p_rotate), ("p_scale", p_scale), ("p_elastic", p_elastic)):
+            if not 0.0 <= p <= 1.0:
+                raise ConfigError(f"augment {name}={p} must be a probability in [0, 1].")
+        if mode not in ("independent", "one_of"):
+            raise ConfigError(f"augment mode {mode!r} must be 'independent' or 'one_of'.")
+        if mode == "one_of" and p_rotate + p_scale + p_elastic > 1.0 + 1e-9:
+            raise ConfigError(
+                f"augment mode 'one_of' needs p_rotate + p_scale + p_elastic <= 1, got "
+                f"{p_rotate + p_scale + p_elastic:g}."
+            )
+        lo, hi = scale_range
+        if not 0 < lo <= hi:
+            raise ConfigError(f"augment scale_range {scale_range} must be 0 < low <= high.")
+        if image_order not in (0, 1, 3):
+            raise ConfigError(f"augment image_order={image_order} must be 1 (linear) or 3.")
+        if max_angle < 0 or elastic_sigma <= 0 or elastic_magnitude < 0:
+            raise ConfigError(
+                "augment max_angle and elastic_magnitude must be >= 0 and elastic_sigma > 0."
+            )
+        self.rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        self.p_rotate = float(p_rotate)
+        self.max_angle = float(max_angle)
+        self.p_scale = float(p_scale)
+        self.scale_range = (float(lo), float(hi))
+        self.p_elastic = float(p_elastic)
+        self.elastic_sigma = float(elastic_sigma)
+        self.elastic_magnitude = float(elastic_magnitude)
+        self.image_order = int(image_order)
+        self.mode = mode
+        self.last_applied: tuple[str, ...] = ()
+
+    def reseed(self, seed: int | np.random.Generator) -> None:
+        """Replace the generator (e.g. per data-loader worker)."""
+        self.rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+
+    def _choose(self, rng: np.random.Generator) -> tuple[str, ...]:
+        probs = (self.p_rotate, self.p_scale, self.p_elastic)
+        if self.mode == "one_of":
+            u = rng.random()
+            for op, cum in zip(AUGMENT_OPS, np.cumsum(probs), strict=True):
+                if u < cum:
+                    return (op,)
+            return ()
+        draws = rng.random(3)
+        return tuple(op for op, p, u in zip(AUGMENT_OPS, probs, draws, strict=True) if u < p)
+
+    def __call__(
+        self,
+        image: np.ndarray,
+        label: np.ndarray | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Augment one slice.
+
+        Args:
+            image: ``(H, W)`` float array.
+            label: ``(H, W)`` integer array or ``None``.
+            rng: generator to draw from instead of :attr:`rng` (per-sample reproducibility).
+
+        Returns:
+            ``(image, label)``: float32 ``(H, W)`` and the label in its input dtype.
+        """
+        image = np.asarray(image)
+        if image.ndim != 2:
+            raise ValueError(f"Augmenter expects a 2-D (H, W) image, got shape {image.shape}")
+        if label is not None and np.shape(label) != image.shape:
+            raise ValueError(f"label shape {np.shape(label)} != image shape {image.shape}")
+        rng = rng if rng is not None else self.rng
+        ops = self._choose(rng)
+        self.last_applied = ops
+        image = image.astype(np.float32, copy=False)
+        if not ops:
+            return image.copy(), None if label is None else np.array(label, copy=True)
+        H, W = image.shape
+        # Backward map: input = centre + A @ (output - centre) [+ displacement(output)].
+        A = np.eye(2)
+        if "rotate" in ops:
+            theta = math.radians(rng.uniform(-self.max_angle, self.max_angle))
+            c, s = math.cos(theta), math.sin(theta)
+            A = A @ np.array([[c, -s], [s, c]])
+        if "scale" in ops:
+            A = A / rng.uniform(*self.scale_range)
+        centre = np.array([(H - 1) / 2.0, (W - 1) / 2.0])
+        fill = float(image.min())
+        if "elastic" not in ops:
+            offset = centre - A @ centre
+            out = ndimage.affine_transform(
+                image, A, offset=offset, order=self.image_order, mode="constant", cval=fill
+            )
+            lab = None
+            if label is not None:
+                lab = ndimage.affine_transform(
+                    np.asarray(label), A, offset=offset, order=0, mode="constant", cval=0
+                )
+            return out.astype(np.float32, copy=False), lab
+        grid = np.indices((H, W), dtype=np.float64).reshape(2, -1) - centre[:, None]
+        coords = (A @ grid + centre[:, None]).reshape(2, H, W)
+        coords += self._displacement((H, W), rng)
+        out = ndimage.map_coordinates(
+            image, coords, order=self.image_order, mode="constant", cval=fill
+        )
+        lab = None
+        if label is not None:
+            lab = ndimage.map_coordinates(
+                np.asarray(label), coords, order=0, mode="constant", cval=0
+            )
+        return out.astype(np.float32, copy=False), lab
+
+    def _displacement(self, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+        """Smooth random displacement field ``(2, H, W)`` in pixels with the configured RMS.
+
+        White noise is smoothed with a Gaussian on a grid coarsened by up to sigma/4 (cheap for
+        large sigma), upsampled linearly, and scaled to RMS ``elastic_magnitude * max(H, W)``.
+        """
+        H, W = shape
+        side = max(H, W)
+        sigma = self.elastic_sigma * side
+        step = max(1, int(sigma // 4))
+        coarse = (math.ceil(H / step) + 1, math.ceil(W / step) + 1)
+        field = np.empty((2, H, W), dtype=np.float64)
+        for k in range(2):
+            noise = rng.uniform(-1.0, 1.0, size=coarse)
+            smooth = ndimage.gaussian_filter(noise, sigma / step, mode="reflect")
+            up = ndimage.zoom(smooth, (step, step), order=1)[:H, :W]
+            if up.shape != (H, W):  # pragma: no cover - coarse grid always covers H x W
+                up = np.pad(up, ((0, H - up.shape[0]), (0, W - up.shape[1])), mode="edge")
+            rms = float(np.sqrt(np.mean(up**2)))
+            field[k] = up / rms if rms > 0 else up
+        return field * (self.elastic_magnitude * side / math.sqrt(2.0))

@@ -1,0 +1,318 @@
+"""2-D training slices as a torch ``Dataset``, slice resizing, and class frequencies.
+
+Each item is ``{"image": float32 (1, S, S), "label": int64 (S, S), "case_id": str,
+"slice_index": int}``: the native slice, optionally augmented (before resizing), then resized to
+``S x S`` (image: linear or cubic; label: nearest neighbour, always).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch.utils.data import Dataset
+
+from hsam.data.augment import Augmenter
+from hsam.data.case import Case
+from hsam.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SliceDataset",
+    "class_frequencies",
+    "parse_slice_id",
+    "resize_image",
+    "resize_label",
+    "slice_id",
+]
+
+_SLICE_ID_RE = re.compile(r"^(?P<case>.+?)_slice_?(?P<n>\d+)$")
+
+AugmentFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def slice_id(case_id: str, index: int) -> str:
+    """Upstream slice naming ``<case>_sliceNNN`` (zero-padded to 3 digits)."""
+    return f"{case_id}_slice{index:03d}"
+
+
+def parse_slice_id(name: str) -> tuple[str, int]:
+    """``"case0005_slice004"`` or ``"patient001_frame01_slice_3"`` -> ``(case_id, index)``."""
+    m = _SLICE_ID_RE.match(name)
+    if not m:
+        raise DataError(f"slice id {name!r} is not of the form <case>_sliceNNN or <case>_slice_N.")
+    return m.group("case"), int(m.group("n"))
+
+
+def _size2(size: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    return int(size[0]), int(size[1])
+
+
+def _resample(arr: np.ndarray, size: tuple[int, int], order: int) -> np.ndarray:
+    """Resize ``(H, W)`` to ``size`` with pixel-edge alignment (like torch
+    ``align_corners=False``): output pixel ``o`` samples input ``(o + 0.5) * H / S - 0.5``."""
+    H, W = arr.shape
+    if size == (H, W):
+        return arr.copy()
+    sy, sx = H / size[0], W / size[1]
+    return ndimage.affine_transform(
+        arr,
+        np.array([sy, sx]),
+        offset=(0.5 * sy - 0.5, 0.5 * sx - 0.5),
+        output_shape=size,
+        order=order,
+        mode="nearest",
+    )
+
+
+def resize_image(image: np.ndarray, size: int | tuple[int, int], order: int = 3) -> np.ndarray:
+    """Resize a 2-D image ``(H, W)`` to ``size`` (spline ``order``: 1 linear, 3 cubic)."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 2:
+        raise ValueError(f"resize_image expects (H, W), got shape {image.shape}")
+    return _resample(image, _size2(size), order).astype(np.float32, copy=False)
+
+
+def resize_label(label: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize a 2-D label ``(H, W)`` to ``size`` with nearest neighbour (dtype kept)."""
+    label = np.asarray(label)
+    if label.ndim != 2:
+        raise ValueError(f"resize_label expects (H, W), got shape {label.shape}")
+    return _resample(label, _size2(size), 0)
+
+
+def _read_slice_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    from hsam.data.readers import read_acdc_slice, read_synapse_slice
+
+    if path.suffix == ".npz":
+        return read_synapse_slice(path)
+    if path.suffix in (".h5", ".hdf5"):
+        return read_acdc_slice(path)
+    raise DataError(f"{path}: unknown slice file type; expected .npz (Synapse) or .h5 (ACDC).")
+
+
+class SliceDataset(Dataset):
+    """2-D training slices of a few-shot split.
+
+    Build it from cases (``SliceDataset(cases, size)``) or from 2-D slice files
+    (:meth:`from_slice_files`, :meth:`from_slice_list`).
+
+    Args:
+        cases: volumes whose slices ``image[d]`` are the samples (cases without a label are
+            refused).
+        size: output side ``S`` (or ``(S_h, S_w)``).
+        foreground_only: keep only slices whose label has a voxel > 0 (LA, PROMISE12 protocol).
+        slice_ids: keep only these slices (``<case>_sliceNNN`` or ``<case>_slice_N``).
+        augment: ``f(image2d, label2d) -> (image2d, label2d)`` applied to the native slice
+            before resizing. An :class:`Augmenter` gets a per-sample generator derived from
+            ``(seed, epoch, index)`` when ``seed`` is set, so results do not depend on the
+            number or order of data-loader workers; call :meth:`set_epoch` every epoch.
+        image_order: spline order for the image resize (1 linear, 3 cubic; upstream 3).
+        seed: base seed of the per-sample generators (``None``: drawn once from the
+            :class:`Augmenter`'s own generator, so a seeded augmenter stays reproducible).
+    """
+
+    def __init__(
+        self,
+        cases: Sequence[Case] = (),
+        size: int | tuple[int, int] = 512,
+        *,
+        foreground_only: bool = False,
+        slice_ids: Iterable[str] | None = None,
+        augment: AugmentFn | None = None,
+        image_order: int = 3,
+        seed: int | None = None,
+    ) -> None:
+        self.size = _size2(size)
+        self.augment = augment
+        self.image_order = int(image_order)
+        if seed is None and isinstance(augment, Augmenter):
+            # per-sample generators even without an explicit seed, derived from the
+            # augmenter's own seeded RNG, so data-loader workers do not repeat each other
+            seed = int(augment.rng.integers(0, 2**63 - 1))
+        self.seed = seed
+        self.epoch = 0
+        self._cases: list[Case] = list(cases)
+        self._files: list[Path] = []
+        self._items: list[tuple[str, int, int]] = []  # (case_id, slice_index, source index)
+        wanted = None if slice_ids is None else {parse_slice_id(s) for s in slice_ids}
+        for ci, case in enumerate(self._cases):
+            if case.label is None:
+                raise DataError(
+                    f"case {case.case_id!r} ({case.source}) has no label; training slices "
+                    "need labels."
+                )
+            fg = set(case.foreground_slices()) if foreground_only else None
+            for d in range(case.num_slices):
+                if fg is not None and d not in fg:
+                    continue
+                if wanted is not None and (case.case_id, d) not in wanted:
+                    continue
+                self._items.append((case.case_id, d, ci))
+        if wanted is not None and self._cases:
+            missing = wanted - {(c, d) for c, d, _ in self._items}
+            if missing:
+                names = sorted(slice_id(c, d) for c, d in missing)[:5]
+                raise DataError(
+                    f"{len(missing)} requested slice(s) not found in the cases, e.g. {names}; "
+                    "check the split file against the data."
+                )
+        if self._cases and not self._items:
+            raise DataError(
+                "no training slices selected (all slices empty or filtered out); check the "
+                "split and foreground_only."
+            )
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_slice_files(
+        cls,
+        paths: Iterable[str | Path],
+        size: int | tuple[int, int] = 512,
+        *,
+        foreground_only: bool = False,
+        **kwargs: Any,
+    ) -> SliceDataset:
+        """Dataset over 2-D slice files: Synapse ``caseXXXX_sliceNNN.npz`` or ACDC
+        ``<frame>_slice_N.h5``. Files are read lazily per item (and once at construction
+        when ``foreground_only``). ``kwargs`` as in the constructor."""
+        ds = cls((), size, **kwargs)
+        for p in paths:
+            p = Path(p)
+            if not p.is_file():
+                raise DataError(f"slice file {p} does not exist; check the root and split list.")
+            case_id, index = parse_slice_id(p.name.split(".")[0])
+            if foreground_only and not _read_slice_file(p)[1].any():
+                continue
+            ds._items.append((case_id, index, len(ds._files)))
+            ds._files.append(p)
+        if not ds._items:
+            raise DataError("no slice files selected; the list is empty or has no foreground.")
+        return ds
+
+    @classmethod
+    def from_slice_list(
+        cls,
+        format: str,
+        root: str | Path,
+        slice_ids: Iterable[str],
+        size: int | tuple[int, int] = 512,
+        **kwargs: Any,
+    ) -> SliceDataset:
+        """Slices named in a list: ``format="synapse"`` reads
+        ``root/train_npz/<id>.npz`` (or ``root/<id>.npz``); ``"acdc"`` reads
+        ``root/data/slices/<id>.h5``."""
+        root = Path(root)
+        ids = list(slice_ids)
+        if not ids:
+            raise DataError("empty slice list; the split names no training slice.")
+        if format == "synapse":
+            base = root / "train_npz" if (root / "train_npz").is_dir() else root
+            paths = [base / f"{i}.npz" for i in ids]
+        elif format == "acdc":
+            base = root / "data" / "slices" if (root / "data").is_dir() else root
+            paths = [base / f"{i}.h5" for i in ids]
+        else:
+            raise DataError(f"slice files exist for 'synapse' and 'acdc', not {format!r}.")
+        return cls.from_slice_files(paths, size, **kwargs)
+
+    # ------------------------------------------------------------------ access
+    @property
+    def slice_ids(self) -> list[str]:
+        """Ids of the samples (file stem for file-based datasets, ``<case>_sliceNNN`` else)."""
+        if self._files:
+            return [self._files[src].name.split(".")[0] for _, _, src in self._items]
+        return [slice_id(c, d) for c, d, _ in self._items]
+
+    @property
+    def case_ids(self) -> list[str]:
+        """Distinct case ids, in sample order."""
+        return list(dict.fromkeys(c for c, _, _ in self._items))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch for the per-sample augmentation generators."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def raw_slice(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Native ``(image (H, W) float32, label (H, W) uint8)`` of sample ``index``,
+        neither augmented nor resized."""
+        _, d, src = self._items[index]
+        if self._files:
+            return _read_slice_file(self._files[src])
+        case = self._cases[src]
+        assert case.label is not None
+        return case.image[d], case.label[d]
+
+    def iter_labels(self) -> Iterator[np.ndarray]:
+        """Native label slices of all samples (for :func:`class_frequencies`)."""
+        for i in range(len(self)):
+            yield self.raw_slice(i)[1]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        index %= len(self)
+        case_id, d, _ = self._items[index]
+        image, label = self.raw_slice(index)
+        if self.augment is not None:
+            if isinstance(self.augment, Augmenter) and self.seed is not None:
+                # one generator per (seed, epoch, sample): independent of worker count/order
+                rng = np.random.default_rng([self.seed, self.epoch, index])
+                image, label = self.augment(image, label, rng=rng)
+            else:
+                image, label = self.augment(image, label)
+        image = resize_image(image, self.size, self.image_order)
+        label = resize_label(np.asarray(label), self.size)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image)[None]),
+            "label": torch.from_numpy(label.astype(np.int64)),
+            "case_id": case_id,
+            "slice_index": int(d),
+        }
+
+
+def class_frequencies(data: SliceDataset | Sequence[Case], num_classes: int) -> np.ndarray:
+    """Fraction of voxels per class, background included, over the training slices.
+
+    Args:
+        data: a :class:`SliceDataset` (its selected native label slices, before augmentation
+            and resizing) or cases (all labelled voxels).
+        num_classes: ``K`` foreground classes.
+
+    Returns:
+        float64 array ``(K + 1,)`` summing to 1.
+
+    Raises:
+        DataError: a label value above ``K``, or no labelled voxel at all.
+    """
+    counts = np.zeros(num_classes + 1, dtype=np.int64)
+    labels: Iterable[np.ndarray]
+    if isinstance(data, SliceDataset):
+        labels = data.iter_labels()
+    else:
+        labels = (c.label for c in data if c.label is not None)
+    for lab in labels:
+        bc = np.bincount(np.asarray(lab, dtype=np.int64).ravel())
+        if bc.size > num_classes + 1 and bc[num_classes + 1 :].any():
+            bad = (np.flatnonzero(bc[num_classes + 1 :]) + num_classes + 1).tolist()
+            raise DataError(
+                f"label values {bad} exceed K = {num_classes}; set num_classes to the dataset's "
+                "number of foreground classes or remap the labels."
+            )
+        counts[: min(bc.size, num_classes + 1)] += bc[: num_classes + 1]
+    total = counts.sum()
+    if total == 0:
+        raise DataError("no labelled voxels to count class frequencies from.")
+    return counts / total

@@ -1,0 +1,1 @@
+"""Training engine: data assembly for a run, the trainer, distributed helpers."""

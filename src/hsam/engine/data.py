@@ -1,0 +1,156 @@
+"""Assemble a run's data from its `DataConfig`: few-shot training slices, validation volumes,
+the split manifest, class frequencies and the intensity policy."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hsam.config import DataConfig, TrainConfig
+from hsam.data import (
+    Augmenter,
+    Case,
+    SliceDataset,
+    carve_validation,
+    class_frequencies,
+    list_cases,
+    make_manifest,
+    parse_slice_id,
+    read_dataset,
+    read_list,
+    select_cases,
+)
+from hsam.errors import DataError
+from hsam.intensity import policy_for, to_model_range
+
+logger = logging.getLogger(__name__)
+
+# Reader intensity of 2-D slice files (hsam.data.readers): Synapse npz are CT-windowed,
+# SSL4MIS ACDC slices are min-max normalised per volume.
+_SLICE_FILE_INTENSITY = {"synapse": "ct_window[-125,275]", "acdc": "minmax"}
+
+
+@dataclass
+class RunData:
+    train: SliceDataset
+    val_cases: list[Case]
+    manifest: dict[str, Any]
+    intensity_policy: str
+    label_names: dict[int, str]
+    class_frequencies: np.ndarray  # (T,)
+
+
+def prepare_case(case: Case, policy: str) -> Case:
+    """The case with its image mapped to the model's [0, 1] input range."""
+    return replace(case, image=to_model_range(case.image, policy, already=case.intensity))
+
+
+def _augmenter(cfg: TrainConfig) -> Augmenter | None:
+    aug = cfg.augment
+    if not aug.enabled:
+        return None
+    return Augmenter(
+        seed=cfg.seed,
+        p_rotate=aug.p_rotate,
+        max_angle=aug.max_angle,
+        p_scale=aug.p_scale,
+        scale_range=tuple(aug.scale_range),
+        p_elastic=aug.p_elastic,
+    )
+
+
+def _training_case_ids(cfg: DataConfig) -> tuple[list[str], str, list[str]]:
+    """(selected case ids, how they were chosen, source files)."""
+    sources: list[str] = []
+    if cfg.train_list:
+        ids = read_list(cfg.train_list)
+        sources.append(cfg.train_list)
+    else:
+        ids = list_cases(cfg.format, cfg.root)
+    if cfg.train_cases is not None:
+        ids = select_cases(ids, cfg.train_cases, cfg.train_seed)
+        how = (
+            f"first {cfg.train_cases} cases in file order"
+            if cfg.train_seed is None
+            else f"{cfg.train_cases} cases drawn with seed {cfg.train_seed}"
+        )
+    else:
+        how = "all listed cases"
+    return ids, how, sources
+
+
+def build_run_data(data: DataConfig, train: TrainConfig, image_size: int) -> RunData:
+    """Read and select the training and validation data of a run."""
+    if not data.root:
+        raise DataError("data.root is empty: set it to the dataset folder.")
+    augment = _augmenter(train)
+    val_cases: list[Case] = []
+    if data.train_slices_list:
+        slice_ids = read_list(data.train_slices_list)
+        if data.train_slices is not None:
+            slice_ids = slice_ids[: data.train_slices]
+        if not slice_ids:
+            raise DataError(f"{data.train_slices_list} selects no slices; the split is empty.")
+        case_ids = list(dict.fromkeys(parse_slice_id(s)[0] for s in slice_ids))
+        train_ids, val_ids = carve_validation(case_ids, data.val_cases, data.val_seed)
+        kept = [s for s in slice_ids if parse_slice_id(s)[0] in set(train_ids)]
+        applied = _SLICE_FILE_INTENSITY.get(data.format)
+        if applied is None:
+            raise DataError(
+                f"data.train_slices_list works with slice files (synapse, acdc), not "
+                f"{data.format!r}; use data.train_list / train_cases instead."
+            )
+        policy = policy_for(applied)
+        dataset = SliceDataset.from_slice_list(
+            data.format,
+            data.root,
+            kept,
+            image_size,
+            augment=augment,
+            seed=train.seed,
+            foreground_only=data.foreground_only,
+        )
+        how = f"first {len(slice_ids)} lines of {Path(data.train_slices_list).name}"
+        sources = [data.train_slices_list]
+        label_names = {i: f"class{i}" for i in range(data.num_classes + 1)}
+        if val_ids:
+            val_cases = read_dataset(data.format, data.root, val_ids)
+        train_list = kept
+    else:
+        ids, how, sources = _training_case_ids(data)
+        train_ids, val_ids = carve_validation(ids, data.val_cases, data.val_seed)
+        cases = read_dataset(data.format, data.root, train_ids + val_ids)
+        for case in cases:
+            case.validate(data.num_classes)
+        policy = policy_for(cases[0].intensity)
+        cases = [prepare_case(c, policy) for c in cases]
+        train_cases = cases[: len(train_ids)]
+        val_cases = cases[len(train_ids) :]
+        label_names = cases[0].label_names
+        dataset = SliceDataset(
+            train_cases,
+            image_size,
+            foreground_only=data.foreground_only,
+            augment=augment,
+            seed=train.seed,
+        )
+        train_list = train_ids
+    val_cases = (
+        [prepare_case(c, policy) for c in val_cases] if data.train_slices_list else val_cases
+    )
+    freqs = class_frequencies(dataset, data.num_classes)
+    manifest = make_manifest(
+        train=train_list, val=val_ids, method=how, seed=data.train_seed, sources=sources
+    )
+    logger.info(
+        "training on %d slices from %d case(s); %d validation volume(s); intensity %s",
+        len(dataset),
+        len(dataset.case_ids),
+        len(val_cases),
+        policy,
+    )
+    return RunData(dataset, val_cases, manifest, policy, dict(label_names), freqs)

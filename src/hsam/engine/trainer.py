@@ -1,0 +1,397 @@
+"""`hsam train`: the training loop, validation, checkpoints and exact resume.
+
+Run directory layout::
+
+    config.yaml          resolved config (what was run, incl. computed class noise stds)
+    split.json           split manifest (train / val ids, how chosen, sources + sha256)
+    train.log            log of the main process
+    metrics.jsonl        one JSON record per epoch (losses, LR, validation Dice)
+    tb/                  TensorBoard events
+    checkpoints/last.pt  resume state (trainable tensors, optimiser, epoch, step, RNG)
+    checkpoints/best.pt  best validation Dice (or the last epoch without validation)
+    checkpoints/final.pt weights after the last epoch
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from tqdm import tqdm
+
+from hsam.atomic import atomic_write_text
+from hsam.build import BuiltModel, build_hsam
+from hsam.checkpoint import atomic_torch_save, load_trainable_state, save_checkpoint
+from hsam.config import RunConfig, dump_yaml, from_dict, load_yaml, to_dict
+from hsam.data.splits import manifest_sha256, write_manifest
+from hsam.engine.data import RunData, build_run_data
+from hsam.engine.distributed import ProcessInfo, barrier, init_process, shutdown
+from hsam.errors import CheckpointError, ConfigError, OutputExistsError
+from hsam.inference import predict_volume
+from hsam.losses import hsam_loss, learning_rate, stage1_weight
+from hsam.metrics import dice
+from hsam.modeling.cmattn import class_noise_std_from_frequencies
+
+logger = logging.getLogger(__name__)
+
+RESUME_FORMAT = "hsam-resume/1"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_checkpoint: Path
+    final_checkpoint: Path
+    best_val_dice: float | None
+    epochs_run: int
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def validation_dice(model: torch.nn.Module, cases, num_classes: int, batch_size: int) -> float:
+    """Mean over cases and classes of the 3-D Dice (legacy policy) on the validation cases."""
+    scores = []
+    for case in cases:
+        pred, _ = predict_volume(model, case.image, batch_size=batch_size)
+        for c in range(1, num_classes + 1):
+            scores.append(dice(pred == c, case.label == c, "legacy"))
+    return float(np.mean(scores))
+
+
+class Trainer:
+    """Train H-SAM for one run directory (fresh or resumed)."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, process: ProcessInfo) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.process = process
+        self.ckpt_dir = run_dir / "checkpoints"
+        tcfg = cfg.train
+        if tcfg.batch_size < 1 or tcfg.accumulation_steps < 1 or tcfg.epochs < 1:
+            raise ConfigError("train.batch_size, accumulation_steps and epochs must be >= 1.")
+        seed_everything(tcfg.seed)
+        self.data: RunData = build_run_data(cfg.data, tcfg, cfg.model.image_size)
+        mcfg = cfg.model
+        if mcfg.stages == 2 and mcfg.cmattn == "paper" and mcfg.class_noise_std is None:
+            mcfg.class_noise_std = class_noise_std_from_frequencies(
+                self.data.class_frequencies.tolist(), mcfg.cmattn_noise_max_std
+            )
+        self.built: BuiltModel = build_hsam(mcfg, seed=tcfg.seed)
+        self.model = self.built.model.to(process.device)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.trainable, lr=tcfg.base_lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay
+        )
+        self.net: torch.nn.Module = self.model
+        if process.distributed:
+            ids = [process.device.index] if process.device.type == "cuda" else None
+            # The reference CMAttn leaves one LayerNorm unused; DDP must be told.
+            self.net = DistributedDataParallel(
+                self.model, device_ids=ids, find_unused_parameters=cfg.model.cmattn == "reference"
+            )
+        if process.distributed:
+            self.sampler = DistributedSampler(
+                self.data.train,
+                num_replicas=process.world_size,
+                rank=process.rank,
+                shuffle=True,
+                seed=tcfg.seed,
+            )
+        else:
+            self.sampler = None
+        self.loader = self._loader(epoch=0)
+        micro = len(self.loader)
+        self.steps_per_epoch = max(1, micro // tcfg.accumulation_steps)
+        if tcfg.max_steps_per_epoch is not None:
+            self.steps_per_epoch = min(self.steps_per_epoch, tcfg.max_steps_per_epoch)
+        self.total_steps = tcfg.epochs * self.steps_per_epoch
+        self.start_epoch = 0
+        self.global_step = 0
+        self.best_dice: float | None = None
+        self.writer = None
+
+    # ------------------------------------------------------------------ data
+    def _loader(self, epoch: int) -> DataLoader:
+        tcfg = self.cfg.train
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+            sampler = self.sampler
+        else:
+            # A fresh generator per epoch: the order depends on (seed, epoch) only, so a
+            # resumed run sees exactly the batches an uninterrupted one would.
+            gen = torch.Generator().manual_seed(tcfg.seed * 1000 + epoch)
+            sampler = RandomSampler(self.data.train, generator=gen)
+        self.data.train.set_epoch(epoch)
+        return DataLoader(
+            self.data.train,
+            batch_size=tcfg.batch_size,
+            sampler=sampler,
+            num_workers=tcfg.num_workers,
+            drop_last=False,
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def _meta(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "label_names": {str(k): v for k, v in self.data.label_names.items()},
+            "intensity_policy": self.data.intensity_policy,
+            "split_sha256": manifest_sha256(self.data.manifest),
+            "class_frequencies": self.data.class_frequencies.tolist(),
+            "epoch": epoch,
+            "metrics": metrics,
+        }
+
+    def _save_weights(self, name: str, epoch: int, metrics: dict[str, Any]) -> Path:
+        path = self.ckpt_dir / name
+        save_checkpoint(path, self.built, config=to_dict(self.cfg), meta=self._meta(epoch, metrics))
+        return path
+
+    def _save_resume_state(self, next_epoch: int) -> None:
+        state = {
+            "format": RESUME_FORMAT,
+            "state_dict": {
+                n: p.detach().cpu().clone()
+                for n, p in self.model.named_parameters()
+                if p.requires_grad
+            },
+            "optimizer": self.optimizer.state_dict(),
+            "next_epoch": next_epoch,
+            "global_step": self.global_step,
+            "best_dice": self.best_dice,
+            "rng": _rng_state(),
+        }
+        atomic_torch_save(state, self.ckpt_dir / "last.pt")
+
+    def load_resume_state(self) -> None:
+        path = self.ckpt_dir / "last.pt"
+        if not path.is_file():
+            raise CheckpointError(
+                f"{path} does not exist: this run has no resume state yet; start it again "
+                "without --resume (after removing the folder) or point --out elsewhere."
+            )
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("format") != RESUME_FORMAT:
+            raise CheckpointError(f"{path} is not an hsam resume state.")
+        load_trainable_state(self.model, state["state_dict"], source=str(path))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.start_epoch = state["next_epoch"]
+        self.global_step = state["global_step"]
+        self.best_dice = state["best_dice"]
+        _set_rng_state(state["rng"])
+        logger.info(
+            "resumed %s at epoch %d (step %d)", self.run_dir, self.start_epoch, self.global_step
+        )
+
+    # ------------------------------------------------------------------ loop
+    def _set_lr(self) -> float:
+        tcfg = self.cfg.train
+        lr = learning_rate(
+            self.global_step,
+            base_lr=tcfg.base_lr,
+            warmup_steps=tcfg.warmup_steps,
+            total_steps=self.total_steps,
+            power=tcfg.poly_power,
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        tcfg = self.cfg.train
+        device = self.process.device
+        weight = stage1_weight(epoch, tcfg.stage_weight_schedule)
+        self.net.train()
+        loader = self._loader(epoch)
+        accum = tcfg.accumulation_steps
+        sums: dict[str, float] = {}
+        steps = 0
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{tcfg.epochs}",
+            disable=not self.process.is_main,
+            leave=False,
+        )
+        micro_iter = iter(loader)
+        while steps < self.steps_per_epoch:
+            lr = self._set_lr()
+            for micro in range(accum):
+                batch = next(micro_iter)
+                images = batch["image"].to(device)
+                labels = batch["label"].to(device)
+                last = micro == accum - 1
+                sync = nullcontext() if last or not self.process.distributed else self.net.no_sync()
+                with (
+                    sync,
+                    torch.autocast(
+                        device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16"
+                    ),
+                ):
+                    out = self.net(images, labels)
+                    loss, parts = hsam_loss(out, labels, weight, tcfg.dice_weight)
+                    (loss / accum).backward()
+                for k, v in {"loss": float(loss.detach()), **parts}.items():
+                    sums[k] = sums.get(k, 0.0) + v / accum
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.global_step += 1
+            steps += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{sums['loss'] / steps:.4f}", lr=f"{lr:.2e}")
+            if self.writer is not None:
+                self.writer.add_scalar("train/loss", float(loss.detach()), self.global_step)
+                self.writer.add_scalar("train/lr", lr, self.global_step)
+        bar.close()
+        record = {k: v / steps for k, v in sums.items()}
+        record.update(epoch=epoch, stage1_weight=weight, lr=lr, steps=self.global_step)
+        return record
+
+    def fit(self, *, stop_after: int | None = None) -> TrainResult:
+        """Train from `start_epoch` to the configured number of epochs.
+
+        `stop_after` ends the call after that many epochs (as an interruption would), leaving a
+        resumable run directory; used to test exact resume.
+        """
+        tcfg = self.cfg.train
+        main = self.process.is_main
+        if main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        best_path = self.ckpt_dir / "best.pt"
+        final_path = self.ckpt_dir / "final.pt"
+        epochs_run = 0
+        start = time.time()
+        for epoch in range(self.start_epoch, tcfg.epochs):
+            record = self.train_epoch(epoch)
+            last_epoch = epoch == tcfg.epochs - 1
+            validate = self.data.val_cases and ((epoch + 1) % tcfg.val_every == 0 or last_epoch)
+            if main:
+                if validate:
+                    score = validation_dice(
+                        self.model,
+                        self.data.val_cases,
+                        self.cfg.model.num_classes,
+                        tcfg.inference_batch_size,
+                    )
+                    record["val_dice"] = score
+                    if self.best_dice is None or score > self.best_dice:
+                        self.best_dice = score
+                        self._save_weights("best.pt", epoch, {"val_dice": score})
+                    if self.writer is not None:
+                        self.writer.add_scalar("val/dice", score, self.global_step)
+                record["elapsed_s"] = round(time.time() - start, 2)
+                with open(self.run_dir / "metrics.jsonl", "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                logger.info(
+                    "epoch %d/%d loss %.4f%s",
+                    epoch + 1,
+                    tcfg.epochs,
+                    record["loss"],
+                    f" val Dice {record['val_dice']:.4f}" if "val_dice" in record else "",
+                )
+                self._save_resume_state(epoch + 1)
+                if last_epoch:
+                    self._save_weights("final.pt", epoch, {"val_dice": record.get("val_dice")})
+                    if not self.data.val_cases:
+                        shutil.copyfile(final_path, best_path)
+            barrier(self.process)
+            epochs_run += 1
+            if stop_after is not None and epochs_run >= stop_after:
+                break
+        if self.writer is not None:
+            self.writer.close()
+        return TrainResult(self.run_dir, best_path, final_path, self.best_dice, epochs_run)
+
+
+def _add_log_file(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, *, resume: bool) -> RunConfig:
+    """Create (or, with `resume`, reopen) the run directory; returns the config to run."""
+    stored = run_dir / "config.yaml"
+    if resume:
+        if not stored.is_file():
+            raise CheckpointError(f"{run_dir} is not an hsam run directory (no config.yaml).")
+        return from_dict(RunConfig, load_yaml(stored), f"{stored}")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise OutputExistsError(
+            f"{run_dir} already exists and is not empty: pass --resume to continue that run, "
+            "or choose another --out."
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return cfg
+
+
+def run_training(
+    cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, stop_after: int | None = None
+) -> TrainResult:
+    """Train `cfg` into `run_dir` (the library function behind `hsam train`)."""
+    run_dir = Path(run_dir)
+    process = init_process(cfg.train.device)
+    handler = None
+    try:
+        if process.is_main:
+            cfg = prepare_run_dir(cfg, run_dir, resume=resume)
+        barrier(process)
+        if not process.is_main and resume:
+            cfg = from_dict(RunConfig, load_yaml(run_dir / "config.yaml"), "config")
+        trainer = Trainer(cfg, run_dir, process)
+        if process.is_main:
+            handler = _add_log_file(run_dir)
+            (run_dir / "checkpoints").mkdir(exist_ok=True)
+            if not resume:
+                atomic_write_text(run_dir / "config.yaml", dump_yaml(to_dict(trainer.cfg)))
+                write_manifest(run_dir / "split.json", trainer.data.manifest)
+            logger.info(
+                "run %s: %d steps/epoch x %d epochs, effective batch %d",
+                run_dir,
+                trainer.steps_per_epoch,
+                cfg.train.epochs,
+                cfg.train.batch_size * cfg.train.accumulation_steps * process.world_size,
+            )
+        if resume:
+            trainer.load_resume_state()
+        return trainer.fit(stop_after=stop_after)
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+        shutdown(process)

@@ -1,0 +1,268 @@
+"""Losses, schedules and the training engine on the tiny preset (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import yaml
+
+from hsam.cli import main
+from hsam.config import load_run_config
+from hsam.engine.trainer import run_training
+from hsam.errors import ConfigError, DataError, OutputExistsError
+from hsam.losses import learning_rate, soft_dice_loss, stage1_weight
+
+
+def test_stage_weight_schedule_pinned():
+    assert stage1_weight(0) == pytest.approx(0.400, abs=5e-4)
+    assert stage1_weight(299) == pytest.approx(0.025, abs=5e-4)
+    assert stage1_weight(50) == pytest.approx(0.266, abs=5e-4)
+    assert stage1_weight(0, "main_text") == pytest.approx(0.8)
+    assert stage1_weight(100, "main_text") == pytest.approx(0.8 * np.exp(-0.5))
+
+
+def test_learning_rate_schedule_pinned():
+    kw = dict(base_lr=0.0025, warmup_steps=250, total_steps=4200)
+    assert learning_rate(0, **kw) == pytest.approx(0.0025 / 250)
+    assert learning_rate(249, **kw) == pytest.approx(0.0025)  # warm-up end
+    assert learning_rate(250, **kw) == pytest.approx(0.0025)  # poly starts at base
+    last = learning_rate(4199, **kw)
+    assert last == pytest.approx(0.0025 * (1 / 3950) ** 0.9)
+    assert learning_rate(4200, **kw) == 0.0
+
+
+def test_soft_dice_loss_perfect_and_wrong():
+    labels = torch.randint(0, 3, (2, 8, 8))
+    perfect = torch.nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).float() * 50
+    assert soft_dice_loss(perfect, labels) == pytest.approx(0.0, abs=1e-4)
+    assert soft_dice_loss(-perfect, labels) > 0.9
+
+
+def write_nnunet_dataset(root: Path, n_cases: int = 3, seed: int = 0) -> Path:
+    """Small MR-like volumes with a bright ellipsoid labelled 1."""
+    rng = np.random.default_rng(seed)
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    zz, yy, xx = np.mgrid[:6, :40, :40]
+    for i in range(n_cases):
+        cy, cx = rng.integers(14, 26, size=2)
+        label = (((yy - cy) / 9.0) ** 2 + ((xx - cx) / 7.0) ** 2 + ((zz - 2.5) / 3.0) ** 2) <= 1
+        image = rng.normal(100, 10, size=label.shape) + 200 * label
+        for arr, path in (
+            (image.astype(np.float32), root / "imagesTr" / f"case{i}_0000.nii.gz"),
+            (label.astype(np.uint8), root / "labelsTr" / f"case{i}.nii.gz"),
+        ):
+            img = sitk.GetImageFromArray(arr)
+            img.SetSpacing((1.0, 1.0, 2.0))
+            sitk.WriteImage(img, str(path))
+    meta = {
+        "channel_names": {"0": "MR"},
+        "labels": {"background": 0, "blob": 1},
+        "numTraining": n_cases,
+        "file_ending": ".nii.gz",
+    }
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def tiny_run_config(tmp_path: Path, **train) -> Path:
+    data_root = tmp_path / "data"
+    if not data_root.exists():
+        write_nnunet_dataset(data_root)
+    cfg = {
+        "model": {"backbone": "tiny", "image_size": 64, "num_classes": 1, "lora_rank": 2},
+        "data": {"format": "nnunet", "root": str(data_root), "num_classes": 1, "val_cases": 1},
+        "train": {
+            "epochs": 3,
+            "batch_size": 2,
+            "max_steps_per_epoch": 2,
+            "warmup_steps": 2,
+            "val_every": 1,
+            "base_lr": 0.001,
+            "seed": 7,
+            **train,
+        },
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _trainable(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def test_train_writes_run_directory(tmp_path):
+    cfg_path = tiny_run_config(tmp_path)
+    assert main(["train", str(cfg_path), "--out", str(tmp_path / "run")]) == 0
+    run = tmp_path / "run"
+    for name in (
+        "config.yaml",
+        "split.json",
+        "train.log",
+        "metrics.jsonl",
+        "checkpoints/best.pt",
+        "checkpoints/final.pt",
+        "checkpoints/last.pt",
+    ):
+        assert (run / name).is_file(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert all("val_dice" in r for r in records)
+    split = json.loads((run / "split.json").read_text())
+    assert split["val"] and not set(split["val"]) & set(split["train"])
+    stored = yaml.safe_load((run / "config.yaml").read_text())
+    assert len(stored["model"]["class_noise_std"]) == 2  # computed from class frequencies
+    payload = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert payload["meta"]["intensity_policy"] == "percentile[0.5,99.5]"
+    assert payload["meta"]["label_names"] == {"0": "background", "1": "blob"}
+
+
+def test_split_is_deterministic_for_a_seed(tmp_path):
+    cfg = load_run_config(tiny_run_config(tmp_path), ["data.train_cases=2", "data.train_seed=3"])
+    from hsam.engine.data import build_run_data
+
+    a = build_run_data(cfg.data, cfg.train, 64).manifest
+    b = build_run_data(cfg.data, cfg.train, 64).manifest
+    assert a["train"] == b["train"] and a["val"] == b["val"]
+
+
+def test_resume_reaches_the_same_weights(tmp_path):
+    cfg = load_run_config(tiny_run_config(tmp_path))
+    full = run_training(cfg, tmp_path / "full")
+    cfg = load_run_config(tiny_run_config(tmp_path))
+    part = run_training(cfg, tmp_path / "part", stop_after=1)
+    assert part.epochs_run == 1 and not (tmp_path / "part/checkpoints/final.pt").exists()
+    assert (
+        main(["train", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "part"), "--resume"])
+        == 0
+    )
+    a = _trainable(full.final_checkpoint)
+    b = _trainable(tmp_path / "part/checkpoints/final.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_existing_run_is_refused_and_untouched(tmp_path):
+    cfg_path = tiny_run_config(tmp_path, epochs=1)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="--resume"):
+        run_training(load_run_config(cfg_path), out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert main(["train", str(cfg_path), "--out", str(out)]) == 2
+
+
+def test_config_typo_is_an_error(tmp_path):
+    cfg_path = tiny_run_config(tmp_path)
+    with pytest.raises(ConfigError, match="unknown key.*epoch"):
+        load_run_config(cfg_path, ["train.epoch=3"])
+
+
+@pytest.mark.parametrize(
+    "corrupt,message",
+    [
+        ("label_above_k", "label"),
+        ("shape", "shape"),
+        ("missing", "no label|does not exist|missing|not found"),
+    ],
+)
+def test_bad_training_data_is_reported(tmp_path, corrupt, message):
+    cfg_path = tiny_run_config(tmp_path, epochs=1)
+    root = tmp_path / "data"
+    img_path, lab_path = root / "imagesTr/case0_0000.nii.gz", root / "labelsTr/case0.nii.gz"
+    if corrupt == "missing":
+        lab_path.unlink()
+    else:
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(img_path)))
+        label = sitk.GetArrayFromImage(sitk.ReadImage(str(lab_path)))
+        if corrupt == "label_above_k":
+            label[0, 0, 0] = 5
+        else:
+            label = label[:, :-1]
+        sitk.WriteImage(sitk.GetImageFromArray(image), str(img_path))
+        sitk.WriteImage(sitk.GetImageFromArray(label), str(lab_path))
+    with pytest.raises(DataError, match=message):
+        run_training(load_run_config(cfg_path), tmp_path / "run")
+
+
+def test_nan_intensities_are_reported(tmp_path):
+    import h5py
+
+    root = tmp_path / "la"
+    for i in range(2):
+        case = root / "2018LA_Seg_Training Set" / f"ID{i}"
+        case.mkdir(parents=True)
+        image = np.random.default_rng(i).normal(size=(40, 40, 6)).astype(np.float32)
+        label = np.zeros(image.shape, np.uint8)
+        label[10:20, 10:20, 2:4] = 1
+        if i == 1:
+            image[3, 3, 3] = np.nan
+        with h5py.File(case / "mri_norm2.h5", "w") as f:
+            f["image"], f["label"] = image, label
+    (root / "train.list").write_text("ID0\nID1\n")
+    cfg_path = tiny_run_config(tmp_path, epochs=1)
+    cfg = load_run_config(cfg_path, ["data.format=la", f"data.root={root}"])
+    with pytest.raises(DataError, match="NaN|finite"):
+        run_training(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_case_missing_from_dataset_is_reported(tmp_path):
+    cfg_path = tiny_run_config(tmp_path, epochs=1)
+    listed = tmp_path / "train.list"
+    listed.write_text("case0\ncase9\ncase1\n")
+    with pytest.raises(DataError, match="case9"):
+        run_training(load_run_config(cfg_path, [f"data.train_list={listed}"]), tmp_path / "run")
+
+
+def test_empty_split_is_reported(tmp_path):
+    cfg_path = tiny_run_config(tmp_path, epochs=1)
+    empty = tmp_path / "empty.list"
+    empty.write_text("")
+    with pytest.raises(DataError):
+        run_training(load_run_config(cfg_path, [f"data.train_list={empty}"]), tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_keep_identical_weights(tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun, "torchrun is installed with torch"
+    cfg_path = tiny_run_config(tmp_path, epochs=2, val_every=5)
+    worker = Path(__file__).with_name("ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            str(worker),
+            str(cfg_path),
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = torch.load(tmp_path / "run" / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "run" / "rank1.pt", weights_only=True)
+    before = _trainable(tmp_path / "run" / "checkpoints" / "final.pt")
+    assert a.keys() == b.keys() == before.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert (tmp_path / "run" / "checkpoints" / "final.pt").is_file()
