@@ -126,6 +126,18 @@ def test_train_writes_run_directory(tmp_path):
     assert payload["meta"]["intensity_policy"] == "percentile[0.5,99.5]"
     assert payload["meta"]["label_names"] == {"0": "background", "1": "blob"}
 
+    # The checkpoint feeds `hsam evaluate` (its own validation split) and `hsam predict`.
+    best = str(run / "checkpoints" / "best.pt")
+    assert main(["evaluate", "--checkpoint", best, "--data", str(cfg_path), "--split", "val",
+                 "--out", str(tmp_path / "eval")]) == 0
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["cases"] == split["val"]
+    image = tmp_path / "data" / "imagesTr" / f"{split['val'][0]}_0000.nii.gz"
+    assert main(["predict", "--checkpoint", best, str(image), "--output",
+                 str(tmp_path / "pred")]) == 0
+    seg = sitk.ReadImage(str(next((tmp_path / "pred").glob("*_seg.nii.gz"))))
+    assert seg.GetSize() == sitk.ReadImage(str(image)).GetSize()
+
 
 def test_split_is_deterministic_for_a_seed(tmp_path):
     cfg = load_run_config(tiny_run_config(tmp_path), ["data.train_cases=2", "data.train_seed=3"])

@@ -83,6 +83,72 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from hsam.evaluation import evaluate_checkpoint
+
+    summary = evaluate_checkpoint(
+        args.checkpoint,
+        args.data,
+        split=args.split,
+        out_dir=args.out,
+        stage=args.stage,
+        batch_size=args.batch_size,
+        device=args.device,
+        precision=args.precision,
+        nsd_tolerance_mm=args.nsd_tolerance,
+        overwrite=args.overwrite,
+        backbone_weights=args.backbone_weights,
+        format=args.format,
+        save_predictions=args.save_predictions,
+    )
+    mean = summary["policies"]["legacy"]["mean"]
+    logger.info(
+        "%d case(s): mean Dice %s, HD95 %s voxels (legacy policy); reports in %s",
+        summary["n_cases"],
+        mean["dice"]["mean"],
+        mean["hd95"]["mean"],
+        args.out,
+    )
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from hsam.prediction import predict_files
+
+    written = predict_files(
+        args.checkpoint,
+        args.inputs,
+        args.output,
+        stage=args.stage,
+        batch_size=args.batch_size,
+        device=args.device,
+        precision=args.precision,
+        probabilities=args.probabilities,
+        overlay=args.overlay,
+        overwrite=args.overwrite,
+        backbone_weights=args.backbone_weights,
+    )
+    logger.info("wrote %d file(s) under %s", len(written), args.output)
+    return 0
+
+
+def _inference_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="hsam checkpoint (e.g. best.pt)")
+    parser.add_argument(
+        "--stage",
+        default="fused",
+        choices=("1", "2", "fused"),
+        help="which output to use (default: fusion of both stages)",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument(
+        "--backbone-weights", help="SAM checkpoint file if it moved since training (sha256 checked)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+
 def _cmd_not_yet(name: str) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
         raise HSAMError(f"`hsam {name}` is not available yet in this version.")
@@ -128,6 +194,31 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run directory (default runs/<config name>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
     train.set_defaults(handler=_cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="Dice / HD95 / NSD of a checkpoint on a split")
+    _inference_options(evaluate)
+    evaluate.add_argument(
+        "--data",
+        help="run config YAML or dataset folder (default: the checkpoint's own data config)",
+    )
+    evaluate.add_argument("--format", help="dataset format when --data is a folder")
+    evaluate.add_argument("--split", default="test", help="test | val | all | a list file")
+    evaluate.add_argument("--out", required=True, help="report folder")
+    evaluate.add_argument("--nsd-tolerance", type=float, default=2.0, help="NSD tolerance, mm")
+    evaluate.add_argument(
+        "--save-predictions", action="store_true", help="also write the predicted label volumes"
+    )
+    evaluate.set_defaults(handler=_cmd_evaluate)
+
+    predict = sub.add_parser("predict", help="segment NIfTI / MHA / NRRD / DICOM volumes")
+    _inference_options(predict)
+    predict.add_argument("inputs", nargs="+", help="files or folders")
+    predict.add_argument("--output", required=True, help="output folder (or file, one input)")
+    predict.add_argument(
+        "--probabilities", action="store_true", help="also write per-class probabilities"
+    )
+    predict.add_argument("--overlay", action="store_true", help="also write PNG montages")
+    predict.set_defaults(handler=_cmd_predict)
 
     prep = sub.add_parser("prepare", help="convert raw data to the training layout + splits")
     prep.add_argument("format", help="synapse | la | acdc | promise12 | nnunet")

@@ -183,14 +183,16 @@ class DataConfig:
     # la | acdc | synapse | promise12 | nnunet | prepared (see hsam.data.readers).
     format: str = "la"
     root: str = ""
-    # File of training case ids (default: the reader's standard training list).
+    # File of training case ids (default: the reader's standard training list), or a split
+    # shipped with hsam as standard:NAME (la_4, promise12_3).
     train_list: str | None = None
     # Few-shot: the first N cases of train_list (train_seed None, the LA/ACDC protocol) or N
     # drawn with train_seed.
     train_cases: int | None = None
     train_seed: int | None = None
     # Few-shot by slices: a file of slice ids (e.g. Synapse train_220.txt, ACDC
-    # train_slices.list) and optionally only its first N lines (ACDC 5%/10%: 68/136).
+    # train_slices.list, or standard:synapse_train_220) and optionally only its first N lines
+    # (ACDC 5% / 10%: 68 / 136).
     train_slices_list: str | None = None
     train_slices: int | None = None
     # Keep only slices with foreground (LA and PROMISE12 protocol).

@@ -38,6 +38,7 @@ from hsam.data.splits import (
     select_cases,
     select_slice_fraction,
     standard_split,
+    standard_split_path,
     write_manifest,
 )
 
@@ -69,6 +70,7 @@ __all__ = [
     "select_slice_fraction",
     "slice_id",
     "standard_split",
+    "standard_split_path",
     "write_manifest",
     "zscore",
 ]

@@ -226,14 +226,19 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def standard_split(name: str) -> list[str]:
-    """Ids of a standard split shipped in ``hsam/splits/`` (see :data:`STANDARD_SPLITS`)."""
+def standard_split_path(name: str) -> Path:
+    """File of a standard split shipped in ``hsam/splits/`` (see :data:`STANDARD_SPLITS`)."""
     stem = name[:-4] if name.endswith(".txt") else name
     if stem not in STANDARD_SPLITS:
         raise DataError(
             f"unknown standard split {name!r}; available: {', '.join(sorted(STANDARD_SPLITS))}."
         )
-    res = resources.files("hsam").joinpath("splits", f"{stem}.txt")
+    return Path(str(resources.files("hsam").joinpath("splits", f"{stem}.txt")))
+
+
+def standard_split(name: str) -> list[str]:
+    """Ids of a standard split shipped in ``hsam/splits/`` (see :data:`STANDARD_SPLITS`)."""
+    res = standard_split_path(name)
     if not res.is_file():
         raise DataError(f"standard split file {res} is missing from the installed package.")
     ids = [ln.strip() for ln in res.read_text().splitlines() if ln.strip()]

@@ -23,6 +23,7 @@ from hsam.data import (
     read_dataset,
     read_list,
     select_cases,
+    standard_split_path,
 )
 from hsam.errors import DataError
 from hsam.intensity import policy_for, to_model_range
@@ -63,12 +64,24 @@ def _augmenter(cfg: TrainConfig) -> Augmenter | None:
     )
 
 
-def _training_case_ids(cfg: DataConfig) -> tuple[list[str], str, list[str]]:
+def list_path(spec: str) -> Path:
+    """A list file's path; `standard:NAME` names a split shipped with hsam (synapse_train_220,
+    la_4, promise12_3)."""
+    if spec.startswith("standard:"):
+        return standard_split_path(spec.removeprefix("standard:"))
+    return Path(spec)
+
+
+def read_id_list(spec: str) -> list[str]:
+    return read_list(list_path(spec))
+
+
+def _training_case_ids(cfg: DataConfig) -> tuple[list[str], str, list[Path]]:
     """(selected case ids, how they were chosen, source files)."""
-    sources: list[str] = []
+    sources: list[Path] = []
     if cfg.train_list:
-        ids = read_list(cfg.train_list)
-        sources.append(cfg.train_list)
+        ids = read_id_list(cfg.train_list)
+        sources.append(list_path(cfg.train_list))
     else:
         ids = list_cases(cfg.format, cfg.root)
     if cfg.train_cases is not None:
@@ -90,7 +103,7 @@ def build_run_data(data: DataConfig, train: TrainConfig, image_size: int) -> Run
     augment = _augmenter(train)
     val_cases: list[Case] = []
     if data.train_slices_list:
-        slice_ids = read_list(data.train_slices_list)
+        slice_ids = read_id_list(data.train_slices_list)
         if data.train_slices is not None:
             slice_ids = slice_ids[: data.train_slices]
         if not slice_ids:
@@ -115,7 +128,7 @@ def build_run_data(data: DataConfig, train: TrainConfig, image_size: int) -> Run
             foreground_only=data.foreground_only,
         )
         how = f"first {len(slice_ids)} lines of {Path(data.train_slices_list).name}"
-        sources = [data.train_slices_list]
+        sources = [list_path(data.train_slices_list)]
         label_names = {i: f"class{i}" for i in range(data.num_classes + 1)}
         if val_ids:
             val_cases = read_dataset(data.format, data.root, val_ids)

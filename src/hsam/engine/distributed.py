@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from hsam.devices import resolve_device
+
 logger = logging.getLogger(__name__)
 
 
@@ -28,21 +30,14 @@ class ProcessInfo:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """`auto` = the local GPU when there is one, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
-
-
 def init_process(device: str = "auto") -> ProcessInfo:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1), else run alone."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)  # one GPU per process under torchrun
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":

@@ -170,6 +170,7 @@ class Trainer:
             "label_names": {str(k): v for k, v in self.data.label_names.items()},
             "intensity_policy": self.data.intensity_policy,
             "split_sha256": manifest_sha256(self.data.manifest),
+            "manifest": self.data.manifest,
             "class_frequencies": self.data.class_frequencies.tolist(),
             "epoch": epoch,
             "metrics": metrics,

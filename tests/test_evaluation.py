@@ -1,0 +1,334 @@
+"""Tests for hsam.evaluation (`hsam evaluate`): reports on real LA and ACDC volumes with tiny
+checkpoints, data/split resolution, class-count mismatches, safe outputs.
+
+Checkpoints come from ``test_prediction`` (a tiny H-SAM trained on synthetic bright shapes,
+K = 1, and an untrained K = 3 one): the scores are meaningless, the plumbing is what is tested.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from hsam.config import DataConfig
+from hsam.data import read_dataset, read_list
+from hsam.errors import CheckpointError, DataError, OutputExistsError
+from hsam.evaluation import (
+    INFO_FILE,
+    REPORT_FILES,
+    detect_format,
+    evaluate_checkpoint,
+    resolve_split,
+)
+from hsam.reports import read_per_case_csv, summarize
+from test_prediction import MR_POLICY, make_checkpoint, shared_data
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def data_root(name: str) -> Path:
+    root = shared_data() / name
+    if not root.is_dir():
+        pytest.skip(f"shared data not found at {root}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def la_root() -> Path:
+    return data_root("la")
+
+
+@pytest.fixture(scope="module")
+def acdc_root() -> Path:
+    return data_root("acdc")
+
+
+@pytest.fixture(scope="module")
+def la_list(la_root, tmp_path_factory) -> Path:
+    """Two ids of LA's test.list (read from the file, never hard-coded)."""
+    ids = read_list(la_root / "test.list")[:2]
+    path = tmp_path_factory.mktemp("lists") / "la2.list"
+    path.write_text("\n".join(ids) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def acdc_list(acdc_root, tmp_path_factory) -> Path:
+    ids = read_list(acdc_root / "val.list")[:2]
+    path = tmp_path_factory.mktemp("lists") / "acdc2.list"
+    path.write_text("\n".join(ids) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def la_checkpoint(tmp_path_factory, la_root, la_list) -> Path:
+    """K = 1 trained tiny checkpoint whose stored data config is LA with a 2-case test list."""
+    data = DataConfig(format="la", root=str(la_root), test_list=str(la_list), num_classes=1)
+    return make_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "la_tiny.pt",
+        policy=MR_POLICY,
+        label_names={"0": "background", "1": "left atrium"},
+        data=data,
+    )
+
+
+@pytest.fixture(scope="module")
+def acdc_checkpoint(tmp_path_factory) -> Path:
+    """K = 3 untrained tiny checkpoint (ACDC's label map), int keys in label_names."""
+    return make_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "acdc_tiny.pt",
+        num_classes=3,
+        trained=False,
+        policy="minmax",
+        label_names={0: "background", 1: "RV", 2: "Myo", 3: "LV"},
+    )
+
+
+def check_reports(out: Path, summary: dict, n_cases: int, class_names: list[str]) -> None:
+    for name in (*REPORT_FILES, INFO_FILE):
+        assert (out / name).is_file(), name
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert summary == on_disk
+    assert summary["n_cases"] == n_cases
+    assert [c["name"] for c in summary["classes"]] == class_names
+    # The per-case CSV reproduces the summary exactly.
+    rows = read_per_case_csv(out / "per_case.csv")
+    assert len(rows) == n_cases * len(class_names)
+    assert json.loads(json.dumps(summarize(rows), allow_nan=False)) == on_disk
+    table = (out / "table.md").read_text()
+    assert all(name in table for name in class_names)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+# --------------------------------------------------------------------------------------------
+# real data
+# --------------------------------------------------------------------------------------------
+def test_evaluate_la_folder(tmp_path, la_checkpoint, la_root, la_list):
+    out = tmp_path / "eval"
+    summary = evaluate_checkpoint(
+        la_checkpoint,
+        la_root,
+        split=str(la_list),
+        out_dir=out,
+        device="cpu",
+        batch_size=16,
+        save_predictions=True,
+        progress=False,
+    )
+    check_reports(out, summary, 2, ["left_atrium"])  # the data's names win over the meta's
+    info = json.loads((out / INFO_FILE).read_text())
+    assert info["data"]["format"] == "la"  # detected from the folder
+    assert info["intensity_policy"] == MR_POLICY
+    assert [c["case"] for c in info["cases"]] == read_list(la_list)
+    cases = read_dataset("la", la_root, read_list(la_list))
+    for case in cases:
+        pred = nib.load(str(out / "predictions" / f"{case.case_id}.nii.gz"))
+        arr = np.asarray(pred.dataobj).T  # nibabel (x, y, z) -> (D, H, W)
+        assert arr.shape == case.shape
+        np.testing.assert_allclose(pred.header.get_zooms(), case.spacing[::-1])
+        assert set(np.unique(arr).tolist()) <= {0, 1}
+        row = [r for r in read_per_case_csv(out / "per_case.csv") if r["case"] == case.case_id]
+        assert row[0]["pred_voxels"] == int((arr == 1).sum())
+        assert row[0]["gt_voxels"] == int((case.label == 1).sum())
+        assert (row[0]["spacing_d_mm"], row[0]["spacing_h_mm"]) == case.spacing[:2]
+
+
+def test_evaluate_acdc_with_run_config(tmp_path, acdc_checkpoint, acdc_root, acdc_list):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"backbone": "tiny", "image_size": 64, "num_classes": 3},
+                "data": {
+                    "format": "acdc",
+                    "root": str(acdc_root),
+                    "test_list": str(acdc_list),
+                    "num_classes": 3,
+                },
+            }
+        )
+    )
+    out = tmp_path / "eval"
+    summary = evaluate_checkpoint(
+        acdc_checkpoint, config, out_dir=out, device="cpu", stage=1, progress=False
+    )
+    check_reports(out, summary, 2, ["right_ventricle", "myocardium", "left_ventricle"])
+    assert summary["cases"] == sorted(read_list(acdc_list))
+    info = json.loads((out / INFO_FILE).read_text())
+    assert info["stage"] == "1" and info["data"]["format"] == "acdc"
+    assert "data.test_list" in info["data"]["ids_from"]
+
+
+def test_evaluate_with_checkpoint_data_config(tmp_path, la_checkpoint, la_list):
+    out = tmp_path / "eval"
+    summary = evaluate_checkpoint(la_checkpoint, out_dir=out, device="cpu", progress=False)
+    assert summary["cases"] == sorted(read_list(la_list))
+    # a second run refuses to overwrite, then overwrites when asked, with the same result
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(OutputExistsError):
+        evaluate_checkpoint(la_checkpoint, out_dir=out, device="cpu", progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    again = evaluate_checkpoint(
+        la_checkpoint, out_dir=out, device="cpu", overwrite=True, progress=False
+    )
+    assert again == summary
+
+
+# --------------------------------------------------------------------------------------------
+# class-count mismatches and bad input
+# --------------------------------------------------------------------------------------------
+def test_three_class_checkpoint_on_la_is_refused(tmp_path, acdc_checkpoint, la_root, la_list):
+    out = tmp_path / "eval"
+    with pytest.raises(CheckpointError, match=r"predicts 3 foreground class\(es\).* has 1"):
+        evaluate_checkpoint(acdc_checkpoint, la_root, split=str(la_list), out_dir=out, device="cpu")
+    assert not out.exists()
+
+
+def test_one_class_checkpoint_on_acdc_is_refused(tmp_path, la_checkpoint, acdc_root, acdc_list):
+    out = tmp_path / "eval"
+    with pytest.raises(CheckpointError, match=r"predicts 1 foreground class\(es\).* has 3"):
+        evaluate_checkpoint(
+            la_checkpoint,
+            acdc_root,
+            split=str(acdc_list),
+            out_dir=out,
+            device="cpu",
+            save_predictions=True,
+        )
+    assert not out.exists()
+
+
+def test_prepared_data_with_more_classes_is_refused(tmp_path, la_checkpoint):
+    """A prepared dataset with labels 0..2 for a K = 1 model."""
+    root = tmp_path / "prepared"
+    (root / "cases").mkdir(parents=True)
+    (root / "dataset.json").write_text("{}")
+    label = np.zeros((4, 16, 16), np.uint8)
+    label[1, 4:8, 4:8] = 2
+    np.savez(
+        root / "cases" / "c1.npz",
+        image=np.random.default_rng(0).random((4, 16, 16)).astype(np.float32),
+        label=label,
+        spacing=np.ones(3),
+        label_names=np.asarray(json.dumps({"0": "background", "1": "a", "2": "b"})),
+        intensity=np.asarray("none"),
+    )
+    (root / "test.list").write_text("c1\n")
+    assert detect_format(root) == "prepared"
+    with pytest.raises(CheckpointError, match=r"predicts 1 .* has 2"):
+        evaluate_checkpoint(la_checkpoint, root, out_dir=tmp_path / "eval", device="cpu")
+    assert not (tmp_path / "eval").exists()
+
+
+def test_config_with_other_class_count_is_refused(tmp_path, la_checkpoint, acdc_root):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"num_classes": 3},
+                "data": {"format": "acdc", "root": str(acdc_root), "num_classes": 3},
+            }
+        )
+    )
+    with pytest.raises(CheckpointError, match=r"predicts 1 .*data.num_classes = 3"):
+        evaluate_checkpoint(la_checkpoint, config, out_dir=tmp_path / "eval", device="cpu")
+
+
+def test_failure_after_staged_predictions_leaves_nothing(tmp_path, la_checkpoint, la_root):
+    """A case that cannot be read after one that was predicted and staged: no report, no
+    prediction, no temp folder, and the output folder this call created is gone again."""
+    bad_list = tmp_path / "bad.list"
+    bad_list.write_text(read_list(la_root / "test.list")[0] + "\nNOT_A_CASE\n")
+    out = tmp_path / "eval"
+    with pytest.raises(DataError, match="NOT_A_CASE"):
+        evaluate_checkpoint(
+            la_checkpoint,
+            la_root,
+            split=str(bad_list),
+            out_dir=out,
+            device="cpu",
+            save_predictions=True,
+            progress=False,
+        )
+    assert not out.exists()
+
+
+def test_existing_reports_are_refused_before_any_work(tmp_path, la_checkpoint):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "table.md").write_text("mine")
+    with pytest.raises(OutputExistsError, match="table.md"):
+        evaluate_checkpoint(la_checkpoint, out_dir=out, device="cpu")
+    assert [p.name for p in out.iterdir()] == ["table.md"]
+    assert (out / "table.md").read_text() == "mine"
+
+
+def test_missing_data_and_splits(tmp_path, la_checkpoint, la_root):
+    with pytest.raises(DataError, match="does not exist"):
+        evaluate_checkpoint(la_checkpoint, tmp_path / "nope", out_dir=tmp_path / "e")
+    with pytest.raises(DataError, match="neither 'test', 'val', 'all' nor"):
+        evaluate_checkpoint(la_checkpoint, la_root, split="dev", out_dir=tmp_path / "e")
+    with pytest.raises(DataError, match="no 'val' split"):
+        evaluate_checkpoint(la_checkpoint, la_root, split="val", out_dir=tmp_path / "e")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="cannot tell the dataset format"):
+        evaluate_checkpoint(la_checkpoint, tmp_path / "empty", out_dir=tmp_path / "e")
+    assert not (tmp_path / "e").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# data and split resolution (no model)
+# --------------------------------------------------------------------------------------------
+def test_detect_format(la_root, acdc_root):
+    assert detect_format(la_root) == "la"
+    assert detect_format(acdc_root) == "acdc"
+
+
+def test_resolve_split_sources(tmp_path, la_root, acdc_root):
+    ids, how = resolve_split("test", fmt="la", root=la_root)
+    assert ids == read_list(la_root / "test.list") and "test list" in how
+    ids, _ = resolve_split("val", fmt="acdc", root=acdc_root)
+    assert ids == read_list(acdc_root / "val.list")
+    meta = {"manifest": {"train": ["a"], "val": ["x1", "x2"]}}
+    ids, how = resolve_split("val", fmt="acdc", root=acdc_root, meta=meta, from_config=True)
+    assert ids == ["x1", "x2"] and "manifest" in how
+    ids, _ = resolve_split("val", fmt="la", root=la_root, meta=meta)  # folder has no val list
+    assert ids == ["x1", "x2"]
+    listed = tmp_path / "my.txt"
+    listed.write_text("b\n\na\n")
+    assert resolve_split(str(listed), fmt="la", root=la_root)[0] == ["b", "a"]
+    prepared = tmp_path / "prep"
+    (prepared / "splits").mkdir(parents=True)
+    (prepared / "split_manifest.json").write_text(json.dumps({"train": ["t"], "val": ["v"]}))
+    (prepared / "splits" / "test.txt").write_text("z\n")
+    assert resolve_split("val", fmt="prepared", root=prepared)[0] == ["v"]
+    assert resolve_split("test", fmt="prepared", root=prepared)[0] == ["z"]
+
+
+def test_nan_free_json_and_metrics_finite(tmp_path, acdc_checkpoint, acdc_root, acdc_list):
+    """An untrained model may miss classes: strict metrics become NaN in the CSV and null in
+    the JSON; legacy ones stay finite."""
+    out = tmp_path / "eval"
+    evaluate_checkpoint(
+        acdc_checkpoint, acdc_root, split=str(acdc_list), out_dir=out, device="cpu", progress=False
+    )
+
+    def no_constants(name: str) -> None:
+        raise AssertionError(f"summary.json holds {name}")
+
+    json.loads((out / "summary.json").read_text(), parse_constant=no_constants)
+    for row in read_per_case_csv(out / "per_case.csv"):
+        assert all(math.isfinite(row[f"legacy_{m}"]) for m in ("dice", "hd95", "nsd"))

@@ -1,0 +1,603 @@
+"""Tests for hsam.prediction (`hsam predict`): exact output geometry, no flips or transposes,
+safe outputs, clear errors.
+
+A tiny H-SAM (``backbone="tiny"``, S = 64, K = 1) is trained for a few hundred AdamW steps on
+synthetic slices where the label is ``image > 0.5`` (bright discs and boxes on a dark noisy
+background), so its predictions mark bright voxels: a bright box placed off-centre in a volume
+must come back where it is.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk  # noqa: N813
+import torch
+from torch.nn import functional as F
+
+from hsam.build import BuiltModel, build_hsam
+from hsam.checkpoint import save_checkpoint
+from hsam.config import DataConfig, ModelConfig, TrainConfig, to_dict
+from hsam.errors import CheckpointError, ConfigError, DataError, OutputExistsError
+from hsam.imageio import read_volume
+from hsam.prediction import (
+    checkpoint_label_names,
+    load_inference_model,
+    plan_outputs,
+    predict_files,
+    resolve_device,
+)
+
+MR_POLICY = "percentile[0.5,99.5]"
+CT_POLICY = "ct_window[-125,275]"
+IMAGE_SIZE = 64
+
+
+def shared_data() -> Path:
+    env = os.environ.get("HSAM_SHARED_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[1] / "../shared/data"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny model is fastest single-threaded (and CI machines are small and shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------------
+# tiny checkpoints (also used by test_evaluation)
+# --------------------------------------------------------------------------------------------
+def _synthetic_batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slices in [0, 1]: dark noise, in 80 % of them a bright disc or box; label = image > 0.5."""
+    yy, xx = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE]
+    images = rng.uniform(0.0, 0.4, (n, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
+    for i in range(n):
+        if rng.random() < 0.2:
+            continue
+        if rng.random() < 0.5:
+            cy, cx = rng.uniform(8, IMAGE_SIZE - 8, 2)
+            r = rng.uniform(3, 18)
+            mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        else:
+            y0, x0 = rng.integers(0, IMAGE_SIZE - 8, 2)
+            y1 = rng.integers(y0 + 6, min(y0 + 48, IMAGE_SIZE) + 1)
+            x1 = rng.integers(x0 + 6, min(x0 + 48, IMAGE_SIZE) + 1)
+            mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
+            mask[y0:y1, x0:x1] = True
+        images[i][mask] = rng.uniform(0.6, 1.0, int(mask.sum()))
+    labels = (images > 0.5).astype(np.int64)
+    return torch.from_numpy(images)[:, None], torch.from_numpy(labels)
+
+
+def _soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    p = logits.softmax(1)[:, 1]
+    t = (target == 1).float()
+    return 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
+
+
+@functools.cache
+def trained_bright_model(steps: int = 220) -> BuiltModel:
+    """K = 1 tiny H-SAM trained to segment bright voxels (deterministic, ~7 s on one CPU).
+
+    CE + soft Dice on both stages, AdamW with a one-cycle schedule; reaches Dice ~0.7 on
+    held-out synthetic slices (the tiny random encoder limits it), plenty to locate a shape."""
+    cfg = ModelConfig(backbone="tiny", image_size=IMAGE_SIZE, num_classes=1, lora_rank=2)
+    built = build_hsam(cfg, seed=0)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = built.model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            x, y = _synthetic_batch(rng, 8)
+            out = model(x)
+            up = F.interpolate(out.stage1_logits, size=y.shape[-2:], mode="bilinear")
+            loss = sum(
+                F.cross_entropy(logits, y) + _soft_dice_loss(logits, y)
+                for logits in (out.stage2_logits, up)
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    return built
+
+
+def run_config(model_cfg: ModelConfig, data: DataConfig | None = None) -> dict:
+    data = data or DataConfig(num_classes=model_cfg.num_classes)
+    return {"model": to_dict(model_cfg), "data": to_dict(data), "train": to_dict(TrainConfig())}
+
+
+def make_checkpoint(
+    path: Path,
+    *,
+    num_classes: int = 1,
+    policy: str | None = MR_POLICY,
+    trained: bool = True,
+    label_names: dict | None = None,
+    data: DataConfig | None = None,
+    extra_meta: dict | None = None,
+) -> Path:
+    """Save a tiny checkpoint: the bright-voxel model (K = 1) or an untrained K-class one."""
+    if trained:
+        assert num_classes == 1
+        built = trained_bright_model()
+    else:
+        cfg = ModelConfig(
+            backbone="tiny", image_size=IMAGE_SIZE, num_classes=num_classes, lora_rank=2
+        )
+        built = build_hsam(cfg, seed=3)
+    cfg = ModelConfig(backbone="tiny", image_size=IMAGE_SIZE, num_classes=num_classes, lora_rank=2)
+    names = label_names
+    if names is None:
+        names = {"0": "background", **{str(c): f"organ {c}" for c in range(1, num_classes + 1)}}
+        if num_classes == 1:
+            names = {"0": "background", "1": "sphere"}
+    meta: dict = {"label_names": names, "epoch": 0, "metrics": {}}
+    if policy is not None:
+        meta["intensity_policy"] = policy
+    meta.update(extra_meta or {})
+    save_checkpoint(path, built, config=run_config(cfg, data), meta=meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mr_checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "bright_mr.pt", policy=MR_POLICY)
+
+
+@pytest.fixture(scope="module")
+def ct_checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "bright_ct.pt", policy=CT_POLICY)
+
+
+# --------------------------------------------------------------------------------------------
+# synthetic volumes
+# --------------------------------------------------------------------------------------------
+SHAPE = (10, 48, 72)  # (D, H, W) = (k, j, i): all different, a transpose changes the shape
+BOX = (slice(1, 5), slice(8, 26), slice(40, 66))  # off-centre: a flip along any axis misses it
+
+
+def bright_box_volume(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """int16 ``(D, H, W)`` volume: dark noise with a bright box; and the box mask."""
+    rng = np.random.default_rng(seed)
+    vol = rng.uniform(0, 300, SHAPE)
+    mask = np.zeros(SHAPE, bool)
+    mask[BOX] = True
+    vol[mask] = rng.uniform(700, 1000, int(mask.sum()))
+    return vol.astype(np.int16), mask
+
+
+def rotation(axis, angle_deg: float) -> np.ndarray:
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    a = math.radians(angle_deg)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + math.sin(a) * k + (1 - math.cos(a)) * k @ k
+
+
+OBLIQUE = rotation((1.0, 2.0, 0.5), 23.0) @ np.diag([1.0, -1.0, 1.0])  # rotation + reflection
+SPACING_XYZ = (0.7, 0.9, 3.5)
+
+
+def centroid(mask: np.ndarray) -> np.ndarray:
+    return np.argwhere(mask).mean(axis=0)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+def assert_box_found(pred: np.ndarray, box: np.ndarray) -> None:
+    """The predicted foreground is the box, in place: same centroid (within 1.5 voxels or 20 %
+    of the box's extent along each axis: the tiny model bleeds a little), good overlap, and much
+    better overlap than with the box flipped along any axis."""
+    fg = pred > 0
+    assert fg.any(), "nothing was segmented"
+    extent = np.ptp(np.argwhere(box), axis=0) + 1
+    err = np.abs(centroid(fg) - centroid(box))
+    assert (err <= np.maximum(1.5, 0.2 * extent)).all(), (centroid(fg), centroid(box))
+    d = dice(fg, box)
+    assert d > 0.6, d
+    for axis in range(3):
+        assert dice(fg, np.flip(box, axis)) < d - 0.3, axis
+
+
+def write_nifti(path: Path, vol_dhw: np.ndarray, affine: np.ndarray) -> Path:
+    """Write a (D, H, W) array as NIfTI with nibabel: nibabel's (i, j, k) = array.T."""
+    img = nib.Nifti1Image(np.ascontiguousarray(vol_dhw.T), affine)
+    img.header.set_xyzt_units("mm", "sec")
+    nib.save(img, str(path))
+    return path
+
+
+def oblique_affine(lps: bool) -> np.ndarray:
+    aff = np.eye(4)
+    aff[:3, :3] = OBLIQUE @ np.diag(SPACING_XYZ)
+    aff[:3, 3] = (-40.5, 12.25, 97.0)
+    if lps:  # the same voxel grid stored with x and y negated (a scanner-LPS style affine)
+        aff = np.diag([-1.0, -1.0, 1.0, 1.0]) @ aff
+    return aff
+
+
+# --------------------------------------------------------------------------------------------
+# model-level helpers
+# --------------------------------------------------------------------------------------------
+def test_trained_model_segments_bright_voxels():
+    built = trained_bright_model()
+    x, y = _synthetic_batch(np.random.default_rng(123), 32)
+    with torch.no_grad():
+        pred = built.model(x).probabilities.argmax(1)
+    inter = ((pred == 1) & (y == 1)).sum().item()
+    dice = 2 * inter / ((pred == 1).sum().item() + (y == 1).sum().item())
+    assert dice > 0.6
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    with pytest.raises(ConfigError, match="unknown device"):
+        resolve_device("tpu-ish:?")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_label_names_accept_int_and_str_keys():
+    assert checkpoint_label_names({"label_names": {"0": "bg", "1": "liver"}}, 2) == {
+        0: "bg",
+        1: "liver",
+        2: "class_2",
+    }
+    assert checkpoint_label_names({"label_names": {0: "bg", 1: "la"}}, 1) == {0: "bg", 1: "la"}
+    assert checkpoint_label_names({}, 1) == {0: "background", 1: "class_1"}
+    with pytest.raises(CheckpointError, match="non-integer"):
+        checkpoint_label_names({"label_names": {"liver": 1}}, 1)
+
+
+def test_load_inference_model_reads_meta(mr_checkpoint):
+    m = load_inference_model(mr_checkpoint, device="cpu")
+    assert m.num_classes == 1
+    assert m.intensity_policy == MR_POLICY
+    assert m.label_names == {0: "background", 1: "sphere"}
+    assert not m.model.training
+
+
+def test_checkpoint_without_policy_needs_an_override(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "nopolicy.pt", policy=None)
+    with pytest.raises(CheckpointError, match="intensity_policy"):
+        load_inference_model(ckpt, device="cpu")
+    m = load_inference_model(ckpt, device="cpu", intensity_policy=CT_POLICY)
+    assert m.intensity_policy == CT_POLICY
+
+
+def test_stage_2_of_a_one_stage_model_is_refused(tmp_path):
+    cfg = ModelConfig(backbone="tiny", image_size=IMAGE_SIZE, num_classes=1, lora_rank=2, stages=1)
+    ckpt = tmp_path / "samed.pt"
+    save_checkpoint(
+        ckpt, build_hsam(cfg), config=run_config(cfg), meta={"intensity_policy": MR_POLICY}
+    )
+    with pytest.raises(ConfigError, match="one-stage"):
+        load_inference_model(ckpt, device="cpu", stage="2")
+    load_inference_model(ckpt, device="cpu", stage=1)
+
+
+# --------------------------------------------------------------------------------------------
+# geometry round trips and location
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("lps", [False, True], ids=["ras", "lps"])
+def test_nifti_oblique_roundtrip_and_location(tmp_path, mr_checkpoint, lps):
+    vol, box = bright_box_volume()
+    src = write_nifti(tmp_path / "vol.nii.gz", vol, oblique_affine(lps))
+    written = predict_files(mr_checkpoint, [src], tmp_path / "out", device="cpu", progress=False)
+    assert written == [tmp_path / "out" / "vol_seg.nii.gz"]
+    img_in, img_out = nib.load(str(src)), nib.load(str(written[0]))
+    assert img_out.shape == img_in.shape
+    np.testing.assert_array_equal(img_out.affine, img_in.affine)
+    np.testing.assert_array_equal(img_out.header.get_qform(), img_in.header.get_qform())
+    np.testing.assert_array_equal(img_out.header.get_sform(), img_in.header.get_sform())
+    assert int(img_out.header["qform_code"]) == int(img_in.header["qform_code"])
+    assert int(img_out.header["sform_code"]) == int(img_in.header["sform_code"])
+    assert img_out.header["pixdim"][0] == img_in.header["pixdim"][0]  # qfac
+    assert img_out.get_data_dtype() == np.uint8
+    pred_ijk = np.asarray(img_out.dataobj)  # nibabel order (i, j, k)
+    assert_box_found(pred_ijk.T, box)  # back to (k, j, i) = (D, H, W)
+    # and SimpleITK agrees on the grid
+    a, b = sitk.ReadImage(str(src)), sitk.ReadImage(str(written[0]))
+    assert a.GetSize() == b.GetSize()
+    np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-5)
+    np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
+
+
+@pytest.mark.parametrize("ext", [".mha", ".nrrd", ".mhd"])
+def test_sitk_formats_oblique_anisotropic_roundtrip(tmp_path, mr_checkpoint, ext):
+    vol, box = bright_box_volume(seed=1)
+    img = sitk.GetImageFromArray(vol)
+    img.SetSpacing(SPACING_XYZ)
+    img.SetOrigin((-12.5, 40.25, 101.0))
+    img.SetDirection(tuple(float(v) for v in OBLIQUE.ravel()))
+    src = tmp_path / f"scan{ext}"
+    sitk.WriteImage(img, str(src))
+    written = predict_files(
+        mr_checkpoint,
+        [src],
+        tmp_path / "out",
+        device="cpu",
+        probabilities=True,
+        overlay=True,
+        progress=False,
+    )
+    out = tmp_path / "out"
+    assert written == [out / f"scan_seg{ext}", out / f"scan_prob{ext}", out / "scan_overlay.png"]
+    seg, inp = sitk.ReadImage(str(written[0])), sitk.ReadImage(str(src))
+    assert seg.GetSize() == inp.GetSize() == img.GetSize()
+    # NRRD stores spacing x direction as one matrix: reading it back rounds in the last bit
+    np.testing.assert_allclose(seg.GetSpacing(), inp.GetSpacing(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(seg.GetOrigin(), inp.GetOrigin(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(seg.GetDirection(), inp.GetDirection(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(seg.GetSpacing(), SPACING_XYZ, rtol=0, atol=1e-12)
+    pred = sitk.GetArrayFromImage(seg)
+    assert pred.shape == vol.shape
+    assert_box_found(pred, box)
+    prob = sitk.GetArrayFromImage(sitk.ReadImage(str(written[1])))
+    assert prob.shape == (2, *vol.shape) and prob.dtype == np.float32
+    np.testing.assert_allclose(prob.sum(0), 1.0, atol=1e-4)
+    # labels are the argmax at S resized by nearest neighbour, probabilities are resized
+    # bilinearly: they agree except along boundaries
+    assert (prob.argmax(0) == pred).mean() > 0.95
+    assert written[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_stage_1_and_bf16(tmp_path, mr_checkpoint):
+    vol, box = bright_box_volume(seed=4)
+    src = write_nifti(tmp_path / "v.nii.gz", vol, oblique_affine(True))
+    for stage, precision in (("1", "fp32"), ("fused", "bf16")):
+        out = tmp_path / f"out_{stage}_{precision}"
+        (seg,) = predict_files(
+            mr_checkpoint, [src], out, device="cpu", stage=stage, precision=precision
+        )
+        img = nib.load(str(seg))
+        np.testing.assert_array_equal(img.affine, nib.load(str(src)).affine)
+        assert np.asarray(img.dataobj).shape == vol.T.shape
+
+
+def test_single_input_to_named_file(tmp_path, mr_checkpoint):
+    vol, box = bright_box_volume(seed=2)
+    (tmp_path / "in").mkdir()
+    src = write_nifti(tmp_path / "in" / "a.nii", vol, oblique_affine(False))
+    target = tmp_path / "res" / "mask.nii.gz"
+    written = predict_files(mr_checkpoint, [src], target, device="cpu", overlay=True)
+    assert written == [target, tmp_path / "res" / "mask_overlay.png"]
+    out = nib.load(str(target))
+    np.testing.assert_array_equal(out.affine, nib.load(str(src)).affine)
+    assert_box_found(np.asarray(out.dataobj).T, box)
+
+
+def write_dicom_series(image: sitk.Image, folder: Path, uid: str) -> None:
+    """One CT slice file per k index, with the tags GDCM needs to sort and place them."""
+    folder.mkdir(parents=True)
+    d = image.GetDirection()
+    orientation = "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for z in range(image.GetDepth()):
+        sl = image[:, :, z]
+        for tag, value in (
+            ("0008|0060", "CT"),
+            ("0020|000d", uid + ".1"),
+            ("0020|000e", uid + ".2"),
+            ("0008|0018", f"{uid}.3.{z + 1}"),
+            ("0020|0013", str(z + 1)),
+            ("0020|0037", orientation),
+        ):
+            sl.SetMetaData(tag, value)
+        pos = image.TransformIndexToPhysicalPoint((0, 0, z))
+        sl.SetMetaData("0020|0032", "\\".join(f"{v:.4f}" for v in pos))
+        writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
+        writer.Execute(sl)
+
+
+def test_dicom_series_folder(tmp_path, mr_checkpoint):
+    vol, box = bright_box_volume(seed=3)
+    img = sitk.GetImageFromArray(vol)
+    img.SetSpacing(SPACING_XYZ)
+    img.SetOrigin((-12.5, 40.25, 101.0))
+    img.SetDirection(tuple(float(v) for v in rotation((0, 0, 1), 15.0).ravel()))
+    series = tmp_path / "dicom" / "series_a"
+    write_dicom_series(img, series, "1.2.826.0.1.3680043.2.1125.77")
+    written = predict_files(mr_checkpoint, [tmp_path / "dicom"], tmp_path / "out", device="cpu")
+    assert written == [tmp_path / "out" / "series_a_seg.nii.gz"]
+    seg = sitk.ReadImage(str(written[0]))
+    assert seg.GetSize() == img.GetSize()
+    np.testing.assert_allclose(seg.GetSpacing(), img.GetSpacing(), atol=1e-3)
+    np.testing.assert_allclose(seg.GetOrigin(), img.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(seg.GetDirection(), img.GetDirection(), atol=1e-5)
+    assert_box_found(sitk.GetArrayFromImage(seg), box)
+    with pytest.raises(DataError, match="inside the input folder"):
+        predict_files(mr_checkpoint, [series], series / "out", device="cpu")
+
+
+def real_ct() -> Path:
+    ct = shared_data() / "totalseg_example" / "example_ct_sm.nii.gz"
+    if not ct.is_file():
+        pytest.skip(f"shared data not found at {ct}")
+    return ct
+
+
+def assert_same_nifti_header(src: Path, out: Path) -> None:
+    img_in, img_out = nib.load(str(src)), nib.load(str(out))
+    assert img_out.shape == img_in.shape
+    np.testing.assert_array_equal(img_out.affine, img_in.affine)
+    for key in ("qform_code", "sform_code", "pixdim", "srow_x", "srow_y", "srow_z", "xyzt_units"):
+        np.testing.assert_array_equal(img_out.header[key], img_in.header[key])
+    for key in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z"):
+        assert img_out.header[key] == img_in.header[key]
+
+
+def test_real_ct_roundtrip(tmp_path, ct_checkpoint):
+    ct = real_ct()
+    written = predict_files(
+        ct_checkpoint, [ct], tmp_path / "out", device="cpu", probabilities=True, overlay=True
+    )
+    out = tmp_path / "out"
+    assert written == [
+        out / "example_ct_sm_seg.nii.gz",
+        out / "example_ct_sm_prob.nii.gz",
+        out / "example_ct_sm_overlay.png",
+    ]
+    assert_same_nifti_header(ct, written[0])
+    seg = nib.load(str(written[0]))
+    assert seg.get_data_dtype() == np.uint8
+    assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1}
+    prob = nib.load(str(written[1]))
+    assert prob.shape == (*nib.load(str(ct)).shape, 2)
+    np.testing.assert_array_equal(prob.affine, seg.affine)
+    vol, lab = read_volume(ct), read_volume(written[0])
+    assert lab.geometry.matches(vol.geometry, atol=1e-5)
+
+
+def test_real_ct_grid_box_lands_in_place(tmp_path, ct_checkpoint):
+    """The real CT's grid and header, its anatomy darkened (<= 0 HU), a 600 HU box off-centre:
+    the bright-voxel model must find the box where it is in the file."""
+    ct = real_ct()
+    img = nib.load(str(ct))
+    hu = np.asarray(img.dataobj)  # (i, j, k)
+    box_ijk = np.zeros(hu.shape, bool)
+    box_ijk[70:110, 10:40, 4:12] = True
+    data = np.minimum(hu, 0)
+    data[box_ijk] = 600
+    src = tmp_path / "ct_box.nii.gz"
+    nib.save(nib.Nifti1Image(data.astype(hu.dtype), img.affine, img.header), str(src))
+    written = predict_files(ct_checkpoint, [src], tmp_path / "out", device="cpu")
+    assert_same_nifti_header(ct, written[0])
+    pred_ijk = np.asarray(nib.load(str(written[0])).dataobj)
+    assert_box_found(pred_ijk.T, box_ijk.T)
+
+
+# --------------------------------------------------------------------------------------------
+# bad input, safe outputs
+# --------------------------------------------------------------------------------------------
+def _files(folder: Path) -> list[str]:
+    if not folder.exists():
+        return []
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_unreadable_file_is_refused_before_writing(tmp_path, mr_checkpoint):
+    good = write_nifti(tmp_path / "good.nii.gz", bright_box_volume()[0], np.eye(4))
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"this is not a nifti file at all" * 20)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="bad.nii.gz"):
+        predict_files(mr_checkpoint, [good, bad], out, device="cpu")
+    assert _files(out) == []
+
+
+def test_truncated_file_leaves_only_complete_outputs(tmp_path, mr_checkpoint):
+    good = write_nifti(tmp_path / "a_good.nii.gz", bright_box_volume()[0], np.eye(4))
+    raw = write_nifti(tmp_path / "full.nii", bright_box_volume()[0], np.eye(4)).read_bytes()
+    bad = tmp_path / "b_truncated.nii"
+    bad.write_bytes(raw[: len(raw) // 2])  # header intact, voxels missing
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="b_truncated"):
+        predict_files(mr_checkpoint, [good, bad], out, device="cpu", probabilities=True)
+    assert _files(out) == ["a_good_prob.nii.gz", "a_good_seg.nii.gz"]  # no temp, no partial
+
+
+def test_2d_and_4d_images_are_refused(tmp_path, mr_checkpoint):
+    two_d = tmp_path / "slice.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((20, 30), np.int16)), str(two_d))
+    four_d = tmp_path / "cine.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 9, 5, 3), np.int16), np.eye(4)), str(four_d))
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="2-D"):
+        predict_files(mr_checkpoint, [two_d], out, device="cpu")
+    with pytest.raises(DataError, match="4-D"):
+        predict_files(mr_checkpoint, [four_d], out, device="cpu")
+    assert _files(out) == []
+
+
+def test_output_inside_input_folder_is_refused(tmp_path, mr_checkpoint):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    write_nifti(folder / "a.nii.gz", bright_box_volume()[0], np.eye(4))
+    for out in (folder, folder / "seg", folder / "seg" / "x.nii.gz"):
+        with pytest.raises(DataError, match="inside the input folder"):
+            predict_files(mr_checkpoint, [folder], out, device="cpu")
+    assert _files(folder) == ["a.nii.gz"]
+
+
+def test_existing_output_needs_overwrite(tmp_path, mr_checkpoint):
+    src = write_nifti(tmp_path / "a.nii.gz", bright_box_volume()[0], np.eye(4))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a_seg.nii.gz").write_bytes(b"old")
+    with pytest.raises(OutputExistsError, match="a_seg.nii.gz"):
+        predict_files(mr_checkpoint, [src], out, device="cpu", overlay=True)
+    assert (out / "a_seg.nii.gz").read_bytes() == b"old"
+    assert _files(out) == ["a_seg.nii.gz"]
+    predict_files(mr_checkpoint, [src], out, device="cpu", overlay=True, overwrite=True)
+    assert nib.load(str(out / "a_seg.nii.gz")).shape == SHAPE[::-1]
+    assert _files(out) == ["a_overlay.png", "a_seg.nii.gz"]
+
+
+def test_plan_outputs_naming_and_clashes(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    a = tmp_path / "x" / "scan.nii.gz"
+    b = tmp_path / "y" / "scan.nii.gz"
+    c = tmp_path / "y" / "other.mha"
+    for p in (a, b, c):
+        p.write_bytes(b"")
+    plan = plan_outputs([a, c], tmp_path / "o", probabilities=True, overlay=True)
+    assert [t.paths() for t in plan] == [
+        [
+            tmp_path / "o" / "scan_seg.nii.gz",
+            tmp_path / "o" / "scan_prob.nii.gz",
+            tmp_path / "o" / "scan_overlay.png",
+        ],
+        [
+            tmp_path / "o" / "other_seg.mha",
+            tmp_path / "o" / "other_prob.mha",
+            tmp_path / "o" / "other_overlay.png",
+        ],
+    ]
+    with pytest.raises(DataError, match="would both write"):
+        plan_outputs([a, b], tmp_path / "o")
+    with pytest.raises(DataError, match="names one file"):
+        plan_outputs([a, c], tmp_path / "o" / "seg.nii.gz")
+    with pytest.raises(DataError, match="input itself"):
+        plan_outputs([a], a)
+
+
+def test_bad_arguments(tmp_path, mr_checkpoint):
+    src = write_nifti(tmp_path / "a.nii.gz", bright_box_volume()[0], np.eye(4))
+    with pytest.raises(ConfigError, match="stage"):
+        predict_files(mr_checkpoint, [src], tmp_path / "o", stage="3")
+    with pytest.raises(ConfigError, match="precision"):
+        predict_files(mr_checkpoint, [src], tmp_path / "o", precision="fp16")
+    with pytest.raises(DataError, match="does not exist"):
+        predict_files(mr_checkpoint, [tmp_path / "missing.nii.gz"], tmp_path / "o")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        predict_files(tmp_path / "nope.pt", [src], tmp_path / "o", device="cpu")
+    assert not (tmp_path / "o").exists()
