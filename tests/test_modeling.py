@@ -206,3 +206,42 @@ def test_bad_inputs_are_rejected(tiny_cfg):
         model(torch.rand(1, 1, 32, 32))
     with pytest.raises(ValueError, match="B, 1 or 3"):
         model(torch.rand(1, 2, 64, 64))
+
+
+def test_fused_attention_paths_agree():
+    """SDPA (fp32), the explicit path (CPU bf16 / prior) and SAM's own Attention agree."""
+    from segment_anything.modeling.transformer import Attention
+
+    from hsam.modeling.attention import FusedAttention
+
+    torch.manual_seed(0)
+    sam = Attention(32, 4, downsample_rate=2)
+    ours = FusedAttention(32, 4, downsample_rate=2)
+    ours.load_state_dict(sam.state_dict())
+    q, k = torch.randn(2, 5, 32), torch.randn(2, 40, 32)
+    ref = sam(q, k, k)
+    assert torch.allclose(ours(q, k, k), ref, atol=1e-5)
+    ones = torch.ones(2, 5, 40)
+    assert torch.allclose(ours(q, k, k, prior=ones), ref, atol=1e-5)  # prior 1 = plain
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.allclose(ours(q, k, k).float(), ref, atol=3e-2)
+
+
+@pytest.mark.slow
+def test_frozen_encoder_statistics_never_change():
+    """LiteMedSAM's TinyViT has BatchNorm: training must neither use batch statistics nor
+    update the running ones (they are not in the checkpoint)."""
+    from hsam.config import ModelConfig
+
+    model = build_hsam(ModelConfig(backbone="litemedsam", image_size=256, num_classes=1)).model
+    model.train()
+    assert model.stage2_decoder.training and not model.image_encoder.training
+    buffers = {k: v.clone() for k, v in model.image_encoder.named_buffers()}
+    x = torch.rand(2, 1, 256, 256)
+    out = model(x, (x[:, 0] > 0.5).long())
+    F.cross_entropy(out.stage2_logits, (x[:, 0] > 0.5).long()).backward()
+    for name, value in model.image_encoder.named_buffers():
+        assert torch.equal(value, buffers[name]), name
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.encode(x), model.train().encode(x))

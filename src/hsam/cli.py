@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from hsam.config import ModelConfig
@@ -149,11 +148,18 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 
-def _cmd_not_yet(name: str) -> Callable[[argparse.Namespace], int]:
-    def handler(args: argparse.Namespace) -> int:
-        raise HSAMError(f"`hsam {name}` is not available yet in this version.")
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from hsam.demo import DemoSchedule, run_demo
 
-    return handler
+    schedule = DemoSchedule()
+    if args.epochs is not None:
+        schedule.epochs = args.epochs
+    command = "hsam demo" + (f" --epochs {args.epochs}" if args.epochs is not None else "")
+    result = run_demo(args.out, schedule=schedule, overwrite=args.overwrite, command=command)
+    for name, s in result.scores.items():
+        logger.info("%s: Dice %.2f%%, HD95 %.2f voxels", name, 100 * s["dice"], s["hd95_voxels"])
+    logger.info("report: %s (%.0f s in all)", result.report, result.seconds["total"])
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,8 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--overwrite", action="store_true")
     prep.set_defaults(handler=_cmd_prepare)
 
-    demo = sub.add_parser("demo", help="few-shot H-SAM on the bundled sample (coming)")
-    demo.set_defaults(handler=_cmd_not_yet("demo"))
+    demo = sub.add_parser("demo", help="few-shot H-SAM vs SAMed on the bundled LA sample (CPU)")
+    demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    demo.add_argument("--epochs", type=int, help="training epochs (default: the demo budget)")
+    demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo's outputs")
+    demo.set_defaults(handler=_cmd_demo)
     return parser
 
 

@@ -242,6 +242,11 @@ class TrainConfig:
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
     # Slices per forward pass during validation inference.
     inference_batch_size: int = 8
+    # Compute the frozen encoder units before the first LoRA block once, for a fixed set of
+    # `augmented_views` augmentations of every slice (epoch e trains on view e mod V). Same
+    # math as recomputing; worth it when LoRA covers only the last blocks (model.lora_last_n).
+    cache_encoder_prefix: bool = False
+    augmented_views: int = 4
 
 
 @dataclass

@@ -1,8 +1,8 @@
-"""Slice-wise inference over whole volumes (shared by validation, `evaluate` and `predict`)."""
+"""Slice-wise inference over whole volumes (shared by validation, `evaluate`, `predict`, demo)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import numpy as np
@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from hsam.modeling.hsam import HSAM, HSAMOutput
 
 Stage = Literal["1", "2", "fused"]
+Precision = Literal["fp32", "bf16"]
 
 
 def stage_probabilities(output: HSAMOutput, stage: Stage) -> torch.Tensor:
@@ -27,6 +28,33 @@ def stage_probabilities(output: HSAMOutput, stage: Stage) -> torch.Tensor:
     return output.stage2_logits.softmax(1)
 
 
+def _slice_batches(
+    volume: np.ndarray, size: int, batch_size: int, device: torch.device
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(index range, (b, 1, S, S) slices resized bilinearly) over a (D, H, W) volume."""
+    if volume.ndim != 3:
+        raise ValueError(f"volume must be (D, H, W), got shape {volume.shape}.")
+    d, h, w = volume.shape
+    for start in range(0, d, batch_size):
+        chunk = torch.from_numpy(np.ascontiguousarray(volume[start : start + batch_size]))
+        x = chunk.float().to(device)[:, None]
+        if (h, w) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        yield slice(start, start + len(chunk)), x
+
+
+def _labels_back(probs: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
+    """(b, T, S, S) probabilities -> (b, H, W) argmax labels, resized with nearest neighbour."""
+    pred = probs.argmax(1, keepdim=True).float()
+    if tuple(pred.shape[-2:]) != shape:
+        pred = F.interpolate(pred, size=shape, mode="nearest")
+    return pred[:, 0].to(torch.int64).cpu().numpy()
+
+
+def _label_dtype(num_classes: int) -> type:
+    return np.uint8 if num_classes <= 256 else np.uint16
+
+
 @torch.no_grad()
 def predict_volume(
     model: HSAM,
@@ -34,7 +62,7 @@ def predict_volume(
     *,
     batch_size: int = 8,
     stage: Stage = "fused",
-    precision: Literal["fp32", "bf16"] = "fp32",
+    precision: Precision = "fp32",
     return_probabilities: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -44,34 +72,52 @@ def predict_volume(
     resized back with nearest neighbour to (H, W).
 
     Returns:
-      labels (D, H, W) uint8/uint16, and (T, D, H, W) float32 probabilities (resized back
-      bilinearly) when `return_probabilities`, else None.
+      labels (D, H, W) uint8 (uint16 above 256 classes), and (T, D, H, W) float32
+      probabilities (resized back bilinearly) when `return_probabilities`, else None.
     """
-    if volume.ndim != 3:
-        raise ValueError(f"volume must be (D, H, W), got shape {volume.shape}.")
     model.eval()
     device = next(model.parameters()).device
-    d, h, w = volume.shape
-    s = model.image_size
-    t = model.num_classes
-    labels = np.zeros((d, h, w), dtype=np.uint8 if t <= 256 else np.uint16)
-    probs_out = np.zeros((t, d, h, w), dtype=np.float32) if return_probabilities else None
-    for start in range(0, d, batch_size):
-        chunk = torch.from_numpy(np.ascontiguousarray(volume[start : start + batch_size]))
-        x = chunk.float().to(device)[:, None]
-        if (h, w) != (s, s):
-            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
+    _, h, w = volume.shape
+    labels = np.zeros(volume.shape, dtype=_label_dtype(model.num_classes))
+    probs_out = None
+    if return_probabilities:
+        probs_out = np.zeros((model.num_classes, *volume.shape), dtype=np.float32)
+    for index, x in _slice_batches(volume, model.image_size, batch_size, device):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = model(x)
         probs = stage_probabilities(out, stage).float()
-        pred = probs.argmax(1, keepdim=True).float()
-        if (h, w) != (s, s):
-            pred = F.interpolate(pred, size=(h, w), mode="nearest")
-        labels[start : start + len(chunk)] = pred[:, 0].to(torch.int64).cpu().numpy()
+        labels[index] = _labels_back(probs, (h, w))
         if probs_out is not None:
-            if (h, w) != (s, s):
+            if (h, w) != tuple(probs.shape[-2:]):
                 probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
-            probs_out[:, start : start + len(chunk)] = probs.transpose(0, 1).cpu().numpy()
+            probs_out[:, index] = probs.transpose(0, 1).cpu().numpy()
         if progress is not None:
-            progress(len(chunk))
+            progress(x.shape[0])
     return labels, probs_out
+
+
+@torch.no_grad()
+def predict_volume_shared_prefix(
+    models: Sequence[HSAM],
+    volume: np.ndarray,
+    *,
+    prefix_units: int,
+    batch_size: int = 8,
+    stage: Stage = "fused",
+    precision: Precision = "fp32",
+) -> list[np.ndarray]:
+    """Like `predict_volume` for several models that share their first `prefix_units` frozen
+    encoder units (same backbone weights, LoRA only after them): the prefix runs once per
+    slice. Returns one (D, H, W) label volume per model."""
+    device = next(models[0].parameters()).device
+    _, h, w = volume.shape
+    outputs = [np.zeros(volume.shape, dtype=_label_dtype(m.num_classes)) for m in models]
+    for model in models:
+        model.eval()
+    for index, x in _slice_batches(volume, models[0].image_size, batch_size, device):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            prefix = models[0].encode_prefix(x, prefix_units)
+            for model, labels in zip(models, outputs, strict=True):
+                out = model(prefix, start_unit=prefix_units)
+                labels[index] = _labels_back(stage_probabilities(out, stage).float(), (h, w))
+    return outputs

@@ -19,6 +19,7 @@ import logging
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from hsam.config import RunConfig, dump_yaml, from_dict, load_yaml, to_dict
 from hsam.data.splits import manifest_sha256, write_manifest
 from hsam.engine.data import RunData, build_run_data
 from hsam.engine.distributed import ProcessInfo, barrier, init_process, shutdown
+from hsam.engine.prefix_cache import PrefixCache
 from hsam.errors import CheckpointError, ConfigError, OutputExistsError
 from hsam.inference import predict_volume
 from hsam.losses import hsam_loss, learning_rate, stage1_weight
@@ -95,7 +97,16 @@ def validation_dice(model: torch.nn.Module, cases, num_classes: int, batch_size:
 class Trainer:
     """Train H-SAM for one run directory (fresh or resumed)."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, process: ProcessInfo) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: Path,
+        process: ProcessInfo,
+        *,
+        cache: PrefixCache | None = None,
+    ) -> None:
+        """`cache`: prefix features built beforehand for this run's data and views (e.g.
+        shared by several runs on the same backbone); built here when the config asks."""
         self.cfg = cfg
         self.run_dir = run_dir
         self.process = process
@@ -133,8 +144,27 @@ class Trainer:
             )
         else:
             self.sampler = None
-        self.loader = self._loader(epoch=0)
-        micro = len(self.loader)
+        self.cache = cache
+        if cache is not None and cache.start_unit != self.model.first_trainable_unit:
+            raise ConfigError(
+                f"the given prefix cache ends at encoder unit {cache.start_unit}, but this "
+                f"model's first LoRA unit is {self.model.first_trainable_unit}."
+            )
+        if tcfg.cache_encoder_prefix and self.cache is None:
+            self.cache = PrefixCache.build(
+                self.model,
+                self.data.train,
+                views=tcfg.augmented_views,
+                stop_unit=self.model.first_trainable_unit,
+                batch_size=tcfg.inference_batch_size,
+                device=process.device,
+                bf16=tcfg.precision == "bf16",
+                show_progress=process.is_main,
+            )
+        if self.cache is not None:
+            micro = -(-len(self.cache) // (tcfg.batch_size * process.world_size))
+        else:
+            micro = len(self._loader(epoch=0))
         self.steps_per_epoch = max(1, micro // tcfg.accumulation_steps)
         if tcfg.max_steps_per_epoch is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, tcfg.max_steps_per_epoch)
@@ -163,6 +193,22 @@ class Trainer:
             num_workers=tcfg.num_workers,
             drop_last=False,
         )
+
+    def _micro_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """(inputs, labels, start_unit): slices, or cached prefix features."""
+        tcfg = self.cfg.train
+        if self.cache is not None:
+            for feats, labels in self.cache.batches(
+                epoch,
+                batch_size=tcfg.batch_size,
+                seed=tcfg.seed,
+                rank=self.process.rank,
+                world_size=self.process.world_size,
+            ):
+                yield feats, labels, self.cache.start_unit
+        else:
+            for batch in self._loader(epoch):
+                yield batch["image"], batch["label"], 0
 
     # ------------------------------------------------------------------ checkpoints
     def _meta(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -236,7 +282,6 @@ class Trainer:
         device = self.process.device
         weight = stage1_weight(epoch, tcfg.stage_weight_schedule)
         self.net.train()
-        loader = self._loader(epoch)
         accum = tcfg.accumulation_steps
         sums: dict[str, float] = {}
         steps = 0
@@ -246,13 +291,12 @@ class Trainer:
             disable=not self.process.is_main,
             leave=False,
         )
-        micro_iter = iter(loader)
+        micro_iter = self._micro_batches(epoch)
         while steps < self.steps_per_epoch:
             lr = self._set_lr()
             for micro in range(accum):
-                batch = next(micro_iter)
-                images = batch["image"].to(device)
-                labels = batch["label"].to(device)
+                inputs, labels, start_unit = next(micro_iter)
+                inputs, labels = inputs.to(device), labels.to(device)
                 last = micro == accum - 1
                 sync = nullcontext() if last or not self.process.distributed else self.net.no_sync()
                 with (
@@ -261,7 +305,7 @@ class Trainer:
                         device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16"
                     ),
                 ):
-                    out = self.net(images, labels)
+                    out = self.net(inputs, labels, start_unit=start_unit)
                     loss, parts = hsam_loss(out, labels, weight, tcfg.dice_weight)
                     (loss / accum).backward()
                 for k, v in {"loss": float(loss.detach()), **parts}.items():
@@ -362,7 +406,12 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, *, resume: bool) -> RunConfig
 
 
 def run_training(
-    cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, stop_after: int | None = None
+    cfg: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+    cache: PrefixCache | None = None,
 ) -> TrainResult:
     """Train `cfg` into `run_dir` (the library function behind `hsam train`)."""
     run_dir = Path(run_dir)
@@ -374,7 +423,7 @@ def run_training(
         barrier(process)
         if not process.is_main and resume:
             cfg = from_dict(RunConfig, load_yaml(run_dir / "config.yaml"), "config")
-        trainer = Trainer(cfg, run_dir, process)
+        trainer = Trainer(cfg, run_dir, process, cache=cache)
         if process.is_main:
             handler = _add_log_file(run_dir)
             (run_dir / "checkpoints").mkdir(exist_ok=True)

@@ -64,6 +64,14 @@ class HSAM(nn.Module):
         self.stage2_embedding_noise = stage2_embedding_noise
         self.fuse = fuse
 
+    def train(self, mode: bool = True) -> HSAM:
+        """Set training mode for the decoders; the frozen encoder always stays in eval mode,
+        so its BatchNorm layers (TinyViT) use their pretrained statistics and never update
+        them, and training-time encoder behaviour equals inference."""
+        super().train(mode)
+        self.image_encoder.eval()
+        return self
+
     @property
     def num_classes(self) -> int:
         """T, including background."""
@@ -133,10 +141,13 @@ class HSAM(nn.Module):
             probs = (torch.softmax(stage1_up, dim=1) + torch.softmax(logits2, dim=1)) / 2
         return HSAMOutput(stage1.logits, logits2, probs)
 
-    def forward(self, images: Tensor, labels: Tensor | None = None) -> HSAMOutput:
+    def forward(
+        self, images: Tensor, labels: Tensor | None = None, *, start_unit: int = 0
+    ) -> HSAMOutput:
         """
         Arguments:
-          images: (B, 1 or 3, S, S) intensities in [0, 1].
+          images: (B, 1 or 3, S, S) intensities in [0, 1], or with `start_unit > 0` the
+            cached output of the encoder's first `start_unit` units (`encode_prefix`).
           labels: optional (B, S, S) ground truth for CMAttn's training-only noise.
         """
-        return self.decode(self.encode(images), labels)
+        return self.decode(self.encode(images, start_unit=start_unit), labels)

@@ -1,0 +1,108 @@
+"""Frozen-prefix feature cache: the encoder units before the first LoRA block run once.
+
+With LoRA on the last N encoder blocks only, everything before them is frozen and its output
+depends only on the input slice. For a fixed set of V augmented views of every training slice
+those outputs are computed once; training then runs the adapted blocks, the neck and the
+decoders only (HSAM.forward(..., start_unit=k)). The math is that of recomputing, so the
+result is identical for the same views (tested).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from hsam.data import SliceDataset
+from hsam.modeling.hsam import HSAM
+
+logger = logging.getLogger(__name__)
+
+
+class PrefixCache:
+    """Cached encoder-prefix features and labels of V views of N slices."""
+
+    def __init__(self, features: list[Tensor], labels: list[Tensor], start_unit: int) -> None:
+        """
+        Arguments:
+          features: per view, (N, ...) outputs of the first `start_unit` encoder units.
+          labels: per view, (N, S, S) int64 labels of the same augmented slices.
+          start_unit: where the encoder resumes.
+        """
+        self.features = features
+        self.labels = labels
+        self.start_unit = start_unit
+
+    @property
+    def num_views(self) -> int:
+        return len(self.features)
+
+    def __len__(self) -> int:
+        return self.features[0].shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.element_size() * f.nelement() for f in self.features)
+
+    @classmethod
+    @torch.no_grad()
+    def build(
+        cls,
+        model: HSAM,
+        dataset: SliceDataset,
+        *,
+        views: int,
+        stop_unit: int,
+        batch_size: int,
+        device: torch.device,
+        bf16: bool,
+        show_progress: bool = True,
+    ) -> PrefixCache:
+        """Run the first `stop_unit` encoder units on `views` augmentations of each slice.
+
+        View v is the dataset's augmentation for epoch v (its per-sample generators are seeded
+        by (seed, v, index)), so the views are reproducible.
+        """
+        if views < 1:
+            raise ValueError(f"augmented_views must be >= 1, got {views}.")
+        features: list[Tensor] = []
+        labels: list[Tensor] = []
+        n = len(dataset)
+        bar = tqdm(total=views * n, desc="caching encoder prefix", disable=not show_progress)
+        for view in range(views):
+            dataset.set_epoch(view)
+            chunks, label_chunks = [], []
+            for start in range(0, n, batch_size):
+                items = [dataset[i] for i in range(start, min(start + batch_size, n))]
+                images = torch.stack([it["image"] for it in items]).to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    chunks.append(model.encode_prefix(images, stop_unit).cpu())
+                label_chunks.append(torch.stack([it["label"] for it in items]))
+                bar.update(len(items))
+            features.append(torch.cat(chunks))
+            labels.append(torch.cat(label_chunks))
+        bar.close()
+        cache = cls(features, labels, stop_unit)
+        logger.info(
+            "cached encoder units [0, %d) for %d view(s) x %d slices (%.0f MB)",
+            stop_unit,
+            views,
+            n,
+            cache.nbytes / 2**20,
+        )
+        return cache
+
+    def batches(
+        self, epoch: int, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """(features, labels) batches of epoch `epoch`: view epoch mod V, shuffled by
+        (seed, epoch), this rank's share."""
+        view = epoch % self.num_views
+        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+        order = torch.randperm(len(self), generator=gen)[rank::world_size]
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            yield self.features[view][idx], self.labels[view][idx]

@@ -1,0 +1,45 @@
+"""The demo end to end with a reduced schedule (real LiteMedSAM weights, bundled LA sample)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hsam.data import read_dataset, read_list
+from hsam.demo import DemoSchedule, run_demo, sample_root
+from hsam.errors import OutputExistsError
+from hsam.imageio import read_volume
+from hsam.metrics import dice
+
+
+def test_sample_is_small_and_complete():
+    root = sample_root()
+    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    assert size < 15 * 2**20
+    assert len(read_list(root / "train.list")) == 2 and len(read_list(root / "test.list")) == 2
+    assert (root.parent / "DATA.md").is_file()
+
+
+def test_existing_output_is_refused(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        run_demo(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+
+
+@pytest.mark.slow
+def test_demo_reduced_schedule_end_to_end(tmp_path):
+    schedule = DemoSchedule(epochs=1, augmented_views=1, test_cases=1)
+    result = run_demo(tmp_path / "demo", schedule=schedule)
+    out = result.out_dir
+    report = (out / "report.md").read_text()
+    assert "| H-SAM |" in report and "| SAMed baseline (stage 1 only) |" in report
+    (case,) = read_dataset("la", sample_root(), read_list(sample_root() / "test.list")[:1])
+    for method, name in (("hsam", "H-SAM"), ("samed", "SAMed baseline (stage 1 only)")):
+        pred = read_volume(out / "predictions" / method / f"{case.case_id}.nii.gz").array
+        assert pred.shape == case.label.shape
+        assert (out / "overlays" / f"{case.case_id}_{method}.png").stat().st_size > 0
+        assert (out / method / "checkpoints" / "final.pt").is_file()
+        # The reported Dice is the Dice of the written prediction file.
+        expected = dice(pred == 1, case.label == 1, "legacy")
+        assert result.scores[name]["dice"] == pytest.approx(expected, abs=1e-9)
+        assert f"{100 * expected:.2f}" in report
