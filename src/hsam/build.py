@@ -40,6 +40,20 @@ class DecoderSpec:
 DECODER_SPECS = {"tiny": DecoderSpec(depth=2, num_heads=2, mlp_dim=64)}
 
 
+def _two_way(
+    spec: DecoderSpec, dim: int, cfg: ModelConfig, *, downsample: int, dropout: float
+) -> TwoWayTransformer:
+    return TwoWayTransformer(
+        depth=spec.depth,
+        embedding_dim=dim,
+        num_heads=spec.num_heads,
+        mlp_dim=spec.mlp_dim,
+        attention_downsample_rate=downsample,
+        order=cfg.block_order,
+        dropout=dropout,
+    )
+
+
 def _validate(cfg: ModelConfig) -> None:
     if cfg.num_classes < 1:
         raise ConfigError(
@@ -75,14 +89,7 @@ def build_hsam_network(cfg: ModelConfig) -> HSAM:
     prompt = PromptFreeEncoder(embed_dim=dim, image_embedding_size=(grid, grid))
     stage1 = Stage1Decoder(
         transformer_dim=dim,
-        transformer=TwoWayTransformer(
-            depth=spec.depth,
-            embedding_dim=dim,
-            num_heads=spec.num_heads,
-            mlp_dim=spec.mlp_dim,
-            attention_downsample_rate=2,
-            order=cfg.block_order,
-        ),
+        transformer=_two_way(spec, dim, cfg, downsample=2, dropout=0.0),  # SAM's decoder
         num_multimask_outputs=t - 1,
         iou_head_depth=3,
         iou_head_hidden_dim=dim,
@@ -110,15 +117,7 @@ def build_hsam_network(cfg: ModelConfig) -> HSAM:
             transformer_dim=dim,
             # Stage 2 is trained from scratch: full-width attention (no downsampling) in every
             # attention, as in the released code's masked cross-attention.
-            transformer=TwoWayTransformer(
-                depth=spec.depth,
-                embedding_dim=dim,
-                num_heads=spec.num_heads,
-                mlp_dim=spec.mlp_dim,
-                attention_downsample_rate=1,
-                order=cfg.block_order,
-                dropout=cfg.stage2_dropout,
-            ),
+            transformer=_two_way(spec, dim, cfg, downsample=1, dropout=cfg.stage2_dropout),
             num_mask_tokens=t,
             output_size=cfg.image_size,
             cmattn=cmattn,

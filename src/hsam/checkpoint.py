@@ -23,6 +23,7 @@ from hsam.atomic import atomic_output
 from hsam.build import BuiltModel, build_hsam
 from hsam.config import ModelConfig, from_dict
 from hsam.errors import CheckpointError, ConfigError
+from hsam.weights import load_torch_file
 
 logger = logging.getLogger(__name__)
 
@@ -98,15 +99,7 @@ class LoadedCheckpoint:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist.")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"cannot read checkpoint {path} (corrupt or not a torch file): {exc}"
-        ) from exc
+    payload = load_torch_file(path, "checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not an hsam checkpoint (format {FORMAT!r}); hsam checkpoints are "

@@ -13,6 +13,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -76,15 +77,22 @@ def litemedsam_weights_path() -> Path:
     return Path(get_asset_path())
 
 
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Tensors of a checkpoint file (flat, or under a `model` / `state_dict` key)."""
+def load_torch_file(path: str | Path, what: str) -> Any:
+    """`torch.load` (CPU, weights only) with errors that name the file."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"weights file {path} does not exist; give the path to it.")
+        raise CheckpointError(f"{what} {path} does not exist; check the path.")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt files
-        raise CheckpointError(f"cannot read weights file {path}: {exc}") from exc
+        raise CheckpointError(
+            f"cannot read {what} {path} (corrupt or not a torch file): {exc}"
+        ) from exc
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Tensors of a checkpoint file (flat, or under a `model` / `state_dict` key)."""
+    state = load_torch_file(path, "weights file")
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
