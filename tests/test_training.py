@@ -266,7 +266,8 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path):
             str(tmp_path / "run"),
         ],
         capture_output=True,
-        text=True,
+        encoding="utf-8",
+        errors="replace",  # the locale may be ASCII (CI); tqdm prints UTF-8 bars
         timeout=600,
         env=env,
     )
