@@ -18,13 +18,14 @@ How the bias reaches the kernel (`impl`):
   with no N x N bias anywhere. SDPA needs equal head dims, so v is zero-padded and the padding
   is sliced off the output. Gradients reach q through rel_h and rel_w by ordinary autograd.
 - ``"explicit"``: the package's own forward (matmul + softmax).
-- ``"auto"`` (default) picks by measurement on the kernels torch ships: CUDA -> ``"mask"`` (the
-  memory-efficient kernel differentiates the bias); CPU when the bias needs no gradient (eval,
-  no_grad, frozen prefix, TinyViT's frozen table) -> ``"mask"`` (flash kernel); CPU fp32 when
-  SAM's bias needs gradient (it depends on a LoRA-adapted q) -> ``"augmented"``, because torch's
-  CPU flash kernel cannot differentiate an `attn_mask` and falls back to the unfused math path;
-  CPU bf16 with gradient -> ``"explicit"``, which measured faster there than the CPU flash
-  kernel's bf16 backward (see docs/benchmarks.md).
+- ``"auto"`` (default) picks by measurement of the kernels torch ships (2-core AVX-512 CPU,
+  docs/benchmarks.md): on CUDA ``"mask"`` (the memory-efficient kernel differentiates the
+  bias); on CPU in fp32 the fused impl (SAM: ``"augmented"``, which beat ``"mask"`` there
+  because building the N x N bias costs memory traffic, and torch's CPU flash kernel cannot
+  differentiate an `attn_mask` at all; TinyViT: ``"mask"``, its table needs no gradient);
+  on CPU in bf16 ``"explicit"`` when autograd records the call (the CPU flash kernel's bf16
+  backward measured 1.1-3x slower than bf16 matmuls) or the sequence is short (N <= 256,
+  windows), else the fused impl.
 
 All impls are the same function; they differ by floating-point rounding only (tests bound the
 difference at 1e-5 in fp32).
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Literal
 
 import torch
 from segment_anything.modeling.image_encoder import Attention as SamViTAttention
@@ -48,7 +48,6 @@ with warnings.catch_warnings():
 
 logger = logging.getLogger(__name__)
 
-AttentionImpl = Literal["auto", "mask", "augmented", "explicit"]
 # "package" restores the packages' original classes (the straightforward path).
 ATTENTION_IMPLS: tuple[str, ...] = ("package", "auto", "mask", "augmented", "explicit")
 
@@ -57,15 +56,25 @@ def _needs_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _pick(impl: str, x: Tensor, bias_needs_grad: bool, *, augmented_ok: bool) -> str:
+def _module_needs_grad(x: Tensor, module: nn.Module) -> bool:
+    """Whether autograd records this attention call (input or any own parameter)."""
+    return _needs_grad(x, *module.parameters())
+
+
+# On CPU in bf16, windows up to this many tokens run faster as explicit matmuls.
+_SHORT_SEQUENCE = 256
+
+
+def _pick(impl: str, x: Tensor, *, needs_grad: bool, seq_len: int, fused: str) -> str:
     """Resolve ``"auto"`` for a call on `x` (see the module docstring for the reasons)."""
     if impl != "auto":
         return impl
-    if x.device.type != "cpu" or not bias_needs_grad:
+    if x.device.type != "cpu":
         return "mask"
-    if x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
-        return "augmented" if augmented_ok else "mask"
-    return "explicit"
+    low_precision = torch.is_autocast_enabled("cpu") or x.dtype in (torch.bfloat16, torch.half)
+    if low_precision and (needs_grad or seq_len <= _SHORT_SEQUENCE):
+        return "explicit"
+    return fused
 
 
 class FusedRelPosAttention(SamViTAttention):
@@ -79,16 +88,14 @@ class FusedRelPosAttention(SamViTAttention):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, H, W, D) tokens of one window (or the whole grid) -> (B, H, W, D)."""
-        if not self.use_rel_pos:
-            return self._no_bias_forward(x)
         b, h, w, _ = x.shape
         n, heads = h * w, self.num_heads
-        bias_grad = _needs_grad(x, self.rel_pos_h, self.rel_pos_w) or any(
-            _needs_grad(p) for p in self.qkv.parameters()
-        )
-        impl = _pick(self.impl, x, bias_grad, augmented_ok=True)
+        grad = _module_needs_grad(x, self)
+        impl = _pick(self.impl, x, needs_grad=grad, seq_len=n, fused="augmented")
         if impl == "explicit":
             return super().forward(x)
+        if not self.use_rel_pos:
+            return self._no_bias_forward(x)
         # (B, N, 3D) -> 3 x (B, heads, N, C)
         q, k, v = self.qkv(x).reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         c = q.shape[-1]
@@ -132,6 +139,7 @@ class FusedRelPosAttention(SamViTAttention):
         return out[..., :c]
 
     def _no_bias_forward(self, x: Tensor) -> Tensor:
+        """Without relative positions (unused by SAM's checkpoints): plain SDPA."""
         b, h, w, _ = x.shape
         q, k, v = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
@@ -157,12 +165,13 @@ class FusedTinyViTAttention(TinyViTAttention):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, N, dim) tokens of one window -> (B, N, dim)."""
-        bias = self._bias()
-        impl = _pick(self.impl, x, _needs_grad(bias), augmented_ok=False)
+        grad = _module_needs_grad(x, self)
+        impl = _pick(self.impl, x, needs_grad=grad, seq_len=x.shape[1], fused="mask")
         if impl == "explicit":
             return super().forward(x)
         if impl != "mask":
             raise ValueError(f"TinyViT attention supports 'mask' and 'explicit', not {impl!r}.")
+        bias = self._bias()
         b, n, _ = x.shape
         x = self.norm(x)
         qkv = self.qkv(x).view(b, n, self.num_heads, -1)
