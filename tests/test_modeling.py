@@ -245,3 +245,18 @@ def test_frozen_encoder_statistics_never_change():
     model.eval()
     with torch.no_grad():
         assert torch.equal(model.encode(x), model.train().encode(x))
+
+
+def test_test_input_size_resamples_slices_at_inference(tiny_cfg):
+    import numpy as np
+
+    from hsam.inference import _slice_batches, predict_volume
+
+    volume = np.random.default_rng(0).random((2, 64, 64), dtype=np.float32)
+    ((_, direct),) = list(_slice_batches(volume, 64, 4, torch.device("cpu")))
+    ((_, through),) = list(_slice_batches(volume, 64, 4, torch.device("cpu"), input_size=32))
+    assert torch.equal(direct[:, 0], torch.from_numpy(volume))  # no resampling at S
+    assert through.shape == direct.shape and not torch.allclose(through, direct)
+    model = build_hsam(dataclasses.replace(tiny_cfg, test_input_size=32)).model
+    labels, _ = predict_volume(model, volume)
+    assert labels.shape == volume.shape

@@ -139,6 +139,7 @@ def build_hsam_network(cfg: ModelConfig) -> HSAM:
         mask_attention=cfg.mask_attention,
         stage2_embedding_noise=cfg.stage2_embedding_noise,
         fuse=cfg.fuse,
+        test_input_size=cfg.test_input_size,
     )
 
 

@@ -78,6 +78,9 @@ class ModelConfig:
     # and std on a 0-255 scale; LiteMedSAM: [0, 1] as is); identity = SAMed/released code,
     # images in [0, 1] straight into SAM.
     input_normalization: InputNormalization = "backbone"
+    # Inference only: resample each slice to this side (bicubic) before resizing it to S, as the
+    # released test.py does with its default input_size 224 (512 -> 224 -> 512); None = off.
+    test_input_size: int | None = None
 
 
 def _is_optional(tp: Any) -> tuple[bool, Any]:

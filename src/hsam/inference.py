@@ -29,15 +29,25 @@ def stage_probabilities(output: HSAMOutput, stage: Stage) -> torch.Tensor:
 
 
 def _slice_batches(
-    volume: np.ndarray, size: int, batch_size: int, device: torch.device
+    volume: np.ndarray,
+    size: int,
+    batch_size: int,
+    device: torch.device,
+    input_size: int | None = None,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
-    """(index range, (b, 1, S, S) slices resized bilinearly) over a (D, H, W) volume."""
+    """(index range, (b, 1, S, S) slices resized bilinearly) over a (D, H, W) volume.
+
+    With `input_size`, slices first go through input_size x input_size (bicubic), the released
+    code's test-time resampling (`model.test_input_size`)."""
     if volume.ndim != 3:
         raise ValueError(f"volume must be (D, H, W), got shape {volume.shape}.")
     d, h, w = volume.shape
     for start in range(0, d, batch_size):
         chunk = torch.from_numpy(np.ascontiguousarray(volume[start : start + batch_size]))
         x = chunk.float().to(device)[:, None]
+        if input_size is not None and (h, w) != (input_size, input_size):
+            x = F.interpolate(x, size=(input_size,) * 2, mode="bicubic", align_corners=False)
+            h, w = input_size, input_size
         if (h, w) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         yield slice(start, start + len(chunk)), x
@@ -82,7 +92,8 @@ def predict_volume(
     probs_out = None
     if return_probabilities:
         probs_out = np.zeros((model.num_classes, *volume.shape), dtype=np.float32)
-    for index, x in _slice_batches(volume, model.image_size, batch_size, device):
+    batches = _slice_batches(volume, model.image_size, batch_size, device, model.test_input_size)
+    for index, x in batches:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = model(x)
         probs = stage_probabilities(out, stage).float()
@@ -114,7 +125,8 @@ def predict_volume_shared_prefix(
     outputs = [np.zeros(volume.shape, dtype=_label_dtype(m.num_classes)) for m in models]
     for model in models:
         model.eval()
-    for index, x in _slice_batches(volume, models[0].image_size, batch_size, device):
+    size, input_size = models[0].image_size, models[0].test_input_size
+    for index, x in _slice_batches(volume, size, batch_size, device, input_size):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             prefix = models[0].encode_prefix(x, prefix_units)
             for model, labels in zip(models, outputs, strict=True):

@@ -38,6 +38,7 @@ class HSAM(nn.Module):
         mask_attention: bool = True,
         stage2_embedding_noise: float = 0.0,
         fuse: Literal["probabilities", "logits"] = "probabilities",
+        test_input_size: int | None = None,
     ) -> None:
         """
         Arguments:
@@ -51,6 +52,8 @@ class HSAM(nn.Module):
           stage2_embedding_noise: training-only noise on stage 2's input, std = this x the
             embedding's global range (released code: 0.2).
           fuse: average the stages' probabilities (paper) or logits (released code).
+          test_input_size: read by slice-wise inference (hsam.inference), which resamples
+            slices through this side first (released code: 224); None = off.
         """
         super().__init__()
         self.image_encoder = image_encoder
@@ -63,6 +66,7 @@ class HSAM(nn.Module):
         self.mask_attention = mask_attention
         self.stage2_embedding_noise = stage2_embedding_noise
         self.fuse = fuse
+        self.test_input_size = test_input_size
 
     def train(self, mode: bool = True) -> HSAM:
         """Set training mode for the decoders; the frozen encoder always stays in eval mode,
