@@ -357,7 +357,7 @@ def test_sam_attention_bf16_fused_inference_close_to_fp32():
 def test_configure_cpu_allocator_in_a_fresh_process():
     # In a child process: the setting is process-wide and cannot be undone.
     code = (
-        "from hsam.modeling.backbones import configure_cpu_allocator as c\n"
+        "from hsam.devices import configure_cpu_allocator as c\n"
         "import torch\n"
         "assert c() is True\n"
         "x = torch.ones(4096, 4096)\n"  # 64 MiB: served from the heap now, still correct

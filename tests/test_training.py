@@ -128,13 +128,28 @@ def test_train_writes_run_directory(tmp_path):
 
     # The checkpoint feeds `hsam evaluate` (its own validation split) and `hsam predict`.
     best = str(run / "checkpoints" / "best.pt")
-    assert main(["evaluate", "--checkpoint", best, "--data", str(cfg_path), "--split", "val",
-                 "--out", str(tmp_path / "eval")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                best,
+                "--data",
+                str(cfg_path),
+                "--split",
+                "val",
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["cases"] == split["val"]
     image = tmp_path / "data" / "imagesTr" / f"{split['val'][0]}_0000.nii.gz"
-    assert main(["predict", "--checkpoint", best, str(image), "--output",
-                 str(tmp_path / "pred")]) == 0
+    assert (
+        main(["predict", "--checkpoint", best, str(image), "--output", str(tmp_path / "pred")]) == 0
+    )
     seg = sitk.ReadImage(str(next((tmp_path / "pred").glob("*_seg.nii.gz"))))
     assert seg.GetSize() == sitk.ReadImage(str(image)).GetSize()
 
@@ -308,6 +323,7 @@ def test_cached_prefix_training_matches_recomputing(tmp_path):
         load_run_config(cfg_path, [*overrides, "train.cache_encoder_prefix=true"]),
         tmp_path / "cached",
     )
+
     def losses(run):
         lines = (run.run_dir / "metrics.jsonl").read_text().splitlines()
         return [json.loads(line)["loss"] for line in lines]

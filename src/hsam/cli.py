@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from hsam.config import ModelConfig
+from hsam.devices import configure_cpu_allocator
 from hsam.errors import HSAMError
 
 logger = logging.getLogger("hsam")
@@ -248,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    # Keep freed activation memory in the process (3x faster frozen LiteMedSAM on CPU).
+    configure_cpu_allocator()
     try:
         return args.handler(args)
     except HSAMError as exc:
