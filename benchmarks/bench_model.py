@@ -70,6 +70,10 @@ class Job:
     count_flops: bool = False
     lora_rank: int = 4
     malloc_tuned: bool = False  # hsam.devices.configure_cpu_allocator() first
+    # LoRA on the last N encoder blocks only (None: every block); with `cached`, training
+    # steps start from precomputed prefix features (train.cache_encoder_prefix).
+    lora_last_n: int | None = None
+    cached: bool = False
 
     @property
     def label(self) -> str:
@@ -77,6 +81,10 @@ class Job:
         extra = (" + ckpt" if self.checkpointing else "") + (
             " + malloc" if self.malloc_tuned else ""
         )
+        if self.lora_last_n is not None:
+            extra += f" + LoRA last {self.lora_last_n}" + (
+                " + cached prefix" if self.cached else ""
+            )
         return f"{path} {self.precision}{extra}"
 
 
@@ -93,6 +101,8 @@ class Result:
     other_load: float | None = None
     # Share of the worker's CPU time spent in the kernel (page faults, mmap) while timed.
     sys_fraction: float | None = None
+    # Cached-prefix rows: seconds per slice to compute the frozen prefix once (no grad).
+    prefix_s_per_slice: float | None = None
 
     @property
     def spread(self) -> float:
@@ -177,9 +187,12 @@ def run_job(job: Job, device_name: str) -> Result:
         image_size=job.image_size,
         num_classes=job.num_classes,
         lora_rank=job.lora_rank,
+        lora_last_n=job.lora_last_n,
     )
     model = build_hsam(cfg, pretrained=False, seed=0).model.to(device)
     set_attention_impl(model.image_encoder, job.attention)
+    if job.attention == "package" and hasattr(model.image_encoder, "use_channels_last"):
+        model.image_encoder.use_channels_last(False)  # the package's memory layout too
     model.image_encoder.activation_checkpointing = job.checkpointing
     g = torch.Generator().manual_seed(0)
     s, t = job.image_size, job.num_classes + 1
@@ -191,11 +204,23 @@ def run_job(job: Job, device_name: str) -> Result:
         opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.1)
         x = torch.rand(job.batch, 1, s, s, generator=g).to(device)
         y = torch.randint(0, t, (job.batch, s, s), generator=g).to(device)
+        start = 0
+        if job.cached:
+            start = model.first_trainable_unit
+
+            def prefix() -> None:
+                with _autocast(device, job.precision):
+                    model.encode_prefix(x, start)
+
+            times = _timed(prefix, device, job.warmup, job.repeats)
+            result.prefix_s_per_slice = statistics.median(times) / job.batch
+            with _autocast(device, job.precision):
+                x = model.encode_prefix(x, start)
 
         def step() -> None:
             opt.zero_grad(set_to_none=True)
             with _autocast(device, job.precision):
-                out = model(x, y)
+                out = model(x, y, start_unit=start)
             loss, _ = hsam_loss(out, y, 0.4)
             loss.backward()
             opt.step()
@@ -320,6 +345,11 @@ def run_in_subprocess(job: Job, device_name: str, timeout_s: float) -> Result:
     return Result(job, error=f"worker exited {proc.returncode}: {' | '.join(tail)}")
 
 
+# LiteMedSAM's last stage (two attention blocks), as in the demo and the CPU recipes.
+LITE_LORA_LAST_N = 2
+# (augmented views, epochs) schedules the cached-prefix cost is amortised over.
+CACHE_SCHEDULES = {"demo": (2, 3), "CPU recipes": (4, 12)}
+
 # (attention, precision, checkpointing, malloc_tuned) of the training rows; the first row of
 # each list is the straightforward fp32 baseline.
 TRAIN_VARIANTS = {
@@ -399,6 +429,23 @@ def plan(quick: bool, device_name: str) -> list[Job]:
                     **common,
                 )
             )
+        if key == "lite":
+            # LoRA on the last stage (the demo's and CPU recipes' setting): recomputing the
+            # frozen prefix every step, and starting from cached prefix features.
+            for cached in (False, True):
+                jobs.append(
+                    Job(
+                        kind="train",
+                        batch=batch,
+                        attention="auto",
+                        precision="bf16",
+                        malloc_tuned=not gpu,
+                        lora_last_n=LITE_LORA_LAST_N,
+                        cached=cached,
+                        repeats=2 if quick else 5,
+                        **common,
+                    )
+                )
         slices = 2 if quick else slices
         infer = INFER_VARIANTS[key][:1] + INFER_VARIANTS[key][2:3] if quick else INFER_VARIANTS[key]
         for i, (attention, precision, b) in enumerate(infer):
@@ -564,6 +611,9 @@ def render(
                 "other_load_cores": r.other_load,
                 "spread": r.spread,
                 "sys_fraction": r.sys_fraction,
+                "lora_last_n": r.job.lora_last_n,
+                "cached": r.job.cached,
+                "prefix_s_per_slice": r.prefix_s_per_slice,
             }
             rows.append(row)
             if r.error:
@@ -584,8 +634,58 @@ def render(
             unit = "training step" if kind == "train" else "volume"
             lines += ["", f"Model FLOPs per {unit}: {flops / 1e9:.1f} GFLOP."]
         lines.append("")
+    lines += _cached_prefix_section(rows)
     lines += _issue_comparison(rows, meta["gpu"])
     return "\n".join(lines) + "\n", rows
+
+
+def _cached_prefix_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Per-epoch cost of LiteMedSAM training: LoRA through the whole encoder vs LoRA on the
+    last stage from cached prefix features (the cache amortised over a schedule)."""
+    lite = {"kind": "train", "backbone": "litemedsam", "error": None}
+    whole = [r for r in rows if r.items() >= lite.items() and r["lora_last_n"] is None]
+    whole = [r for r in whole if r["attention"] == "auto"]
+    cached = _best(rows, "median_s", cached=True, **lite)
+    recompute = _best(rows, "median_s", cached=False, lora_last_n=LITE_LORA_LAST_N, **lite)
+    if not whole or cached is None:
+        return []
+    best_whole = min(whole, key=lambda r: r["median_s"])
+    per_slice_whole = best_whole["median_s"] / best_whole["batch"]
+    per_slice_cached = cached["median_s"] / cached["batch"]
+    prefix = cached["prefix_s_per_slice"]
+    lines = [
+        f"## Cached-prefix training: `litemedsam`, S = {cached['image_size']}, "
+        f"batch {cached['batch']}",
+        "",
+        f"Seconds per training slice and epoch. Whole encoder = LoRA on every block, fastest "
+        f"row above ({best_whole['path']}). Last stage = LoRA on the last {LITE_LORA_LAST_N} "
+        f"blocks: recomputing the frozen prefix every step, or from prefix features cached "
+        f"once per augmented view (`train.cache_encoder_prefix`; the cache costs "
+        f"{prefix:.3f} s per slice and view, amortised below over V views and E epochs). "
+        "Identical outputs to recomputing: tests/test_training.py.",
+        "",
+        "| path | s / slice / epoch | speed-up vs whole encoder |",
+        "|---|---|---|",
+        f"| whole encoder: {best_whole['path']} | {per_slice_whole:.3f} | 1.00x |",
+    ]
+    if recompute is not None:
+        r = recompute["median_s"] / recompute["batch"]
+        lines.append(
+            f"| last stage, prefix recomputed: {recompute['path']} | {r:.3f} | "
+            f"{per_slice_whole / r:.2f}x |"
+        )
+    lines.append(
+        f"| last stage, cached prefix, steps only: {cached['path']} | {per_slice_cached:.3f} | "
+        f"{per_slice_whole / per_slice_cached:.2f}x |"
+    )
+    for name, (views, epochs) in CACHE_SCHEDULES.items():
+        total = per_slice_cached + prefix * views / epochs
+        lines.append(
+            f"| last stage, cached prefix incl. cache, {name} (V = {views}, E = {epochs}) | "
+            f"{total:.3f} | {per_slice_whole / total:.2f}x |"
+        )
+    lines += ["", "Target (issue 6): at least 5x faster per epoch than the whole encoder.", ""]
+    return lines
 
 
 def _best(rows: list[dict[str, Any]], key: str, **match: Any) -> dict[str, Any] | None:
@@ -660,10 +760,13 @@ def _targets(rows: list[dict[str, Any]]) -> list[str]:
         "## Issue 6 targets (ViT-B, S = 512, batch 2)",
         "",
         "Best fast row per target; ratios against this run's straightforward fp32 row and "
-        "against the issue's numbers.",
+        "against the issue's numbers. The issue states the training targets against its "
+        'numbers ("the time above") and the inference target against one-slice-at-a-time '
+        "fp32, which this run measures; both readings are shown.",
         "",
-        "| target | best fast row | value | vs this run | vs issue | met (this run) |",
-        "|---|---|---|---|---|---|",
+        "| target | best fast row | value | vs this run | vs issue | met vs this run "
+        "| met vs issue |",
+        "|---|---|---|---|---|---|---|",
     ]
 
     def add(
@@ -677,10 +780,13 @@ def _targets(rows: list[dict[str, Any]]) -> list[str]:
     ) -> None:
         if row is None:
             return
-        met = mine <= limit if lower else mine >= limit
+
+        def met(ratio: float) -> str:
+            return "yes" if (ratio <= limit if lower else ratio >= limit) else "no"
+
         lines.append(
             f"| {target} | {row['path']} | {value:.2f} | {mine:.2f}x | {issue:.2f}x | "
-            f"{'yes' if met else 'no'} |"
+            f"{met(mine)} | {met(issue)} |"
         )
 
     for precision, limit in (("bf16", 0.5), ("fp32", 0.85)):

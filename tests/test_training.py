@@ -348,3 +348,49 @@ def test_shared_prefix_inference_equals_per_model(tiny_cfg):
     shared = predict_volume_shared_prefix([a, b], volume, prefix_units=2, batch_size=2)
     for model, labels in zip((a, b), shared, strict=True):
         assert np.array_equal(labels, predict_volume(model, volume, batch_size=2)[0])
+
+
+def test_prediction_from_cached_volume_prefix_equals_predict_volume(tiny_cfg):
+    import dataclasses
+
+    from hsam.build import build_hsam
+    from hsam.inference import encode_volume_prefix, predict_from_prefix, predict_volume
+
+    model = build_hsam(dataclasses.replace(tiny_cfg, lora_last_n=1), seed=3).model.eval()
+    volume = np.random.default_rng(1).random((5, 40, 56), dtype=np.float32)
+    features = encode_volume_prefix(model, volume, prefix_units=2, batch_size=2)
+    assert features.shape[0] == 5
+    labels = predict_from_prefix(model, features, (40, 56), prefix_units=2, batch_size=3)
+    assert np.array_equal(labels, predict_volume(model, volume, batch_size=2)[0])
+
+
+def test_cached_validation_reuses_volume_prefix_and_matches(tmp_path):
+    from hsam.build import build_hsam
+    from hsam.engine.data import build_run_data
+    from hsam.engine.prefix_cache import PrefixCache
+    from hsam.engine.trainer import validation_dice
+
+    cfg = load_run_config(tiny_run_config(tmp_path), ["model.lora_last_n=1"])
+    data = build_run_data(cfg.data, cfg.train, cfg.model.image_size)
+    model = build_hsam(cfg.model, seed=5).model.eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    cache = PrefixCache.build(
+        model,
+        data.train,
+        views=1,
+        stop_unit=model.first_trainable_unit,
+        batch_size=2,
+        device=torch.device("cpu"),
+        bf16=False,
+        show_progress=False,
+    )
+    plain = validation_dice(model, data.val_cases, 1, 2)
+    cached = validation_dice(model, data.val_cases, 1, 2, cache=cache)
+    assert cached == pytest.approx(plain, abs=1e-12)
+    assert set(cache.volumes) == {c.case_id for c in data.val_cases}
+    features = next(iter(cache.volumes.values()))
+    validation_dice(model, data.val_cases, 1, 2, cache=cache)  # second use: no recompute
+    assert next(iter(cache.volumes.values())) is features

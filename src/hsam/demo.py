@@ -43,8 +43,8 @@ OUTPUTS = ("report.md", "hsam", "samed", "predictions", "overlays")
 
 @dataclass
 class DemoSchedule:
-    """The demo's training budget (sized for about 12 minutes on 2 CPU cores, estimated from
-    per-slice costs measured on the LiteMedSAM backbone; see README)."""
+    """The demo's training budget: `make demo` from a fresh clone took 11 minutes on 2 CPU
+    cores, install included (README)."""
 
     epochs: int = 3
     augmented_views: int = 2

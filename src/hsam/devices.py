@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 
 
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
@@ -62,9 +63,9 @@ def configure_cpu_allocator(
     `munmap`s it when freed) and trims the heap top whenever 128 KiB are free, so each forward
     pass page-faults its activations in again: on the 2-core machines a third of the CPU time
     of a LiteMedSAM step went to the kernel, and the frozen LiteMedSAM encoder ran 3x slower
-    than with the memory kept (docs/benchmarks.md). Raising the mmap and trim thresholds and
-    padding heap growth keeps it. Peak RSS barely changes (the memory was needed at the peak
-    anyway); it is just not given back between steps.
+    than with the memory kept (docs/benchmarks.md). Raising the mmap and trim thresholds,
+    padding heap growth and using a single arena keeps it. Peak RSS barely changes (the
+    memory was needed at the peak anyway); it is just not given back between steps.
 
     Process-wide and irreversible; `hsam`'s commands call it at start-up. Returns False (and
     changes nothing) where the C library is not glibc.
@@ -82,6 +83,9 @@ def configure_cpu_allocator(
             (_M_MMAP_THRESHOLD, mmap_threshold_bytes),
             (_M_TRIM_THRESHOLD, keep_free_bytes),
             (_M_TOP_PAD, top_pad_bytes),
+            # One arena: other threads' arenas are capped at 64 MiB heaps, so their large
+            # blocks would still be mmap'd and unmapped each step.
+            (_M_ARENA_MAX, 1),
         )
     )
     logger.debug("glibc malloc configured to keep freed memory: %s", ok)

@@ -108,6 +108,52 @@ def predict_volume(
 
 
 @torch.no_grad()
+def encode_volume_prefix(
+    model: HSAM,
+    volume: np.ndarray,
+    *,
+    prefix_units: int,
+    batch_size: int = 8,
+    precision: Precision = "fp32",
+) -> torch.Tensor:
+    """Features (D, ...) of the first `prefix_units` frozen encoder units for every slice of a
+    (D, H, W) volume, on the CPU; `predict_from_prefix` finishes them with any model that shares
+    those units."""
+    device = next(model.parameters()).device
+    chunks = []
+    batches = _slice_batches(volume, model.image_size, batch_size, device, model.test_input_size)
+    for _, x in batches:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            chunks.append(model.encode_prefix(x, prefix_units).cpu())
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def predict_from_prefix(
+    model: HSAM,
+    features: torch.Tensor,
+    shape: tuple[int, int],
+    *,
+    prefix_units: int,
+    batch_size: int = 8,
+    stage: Stage = "fused",
+    precision: Precision = "fp32",
+) -> np.ndarray:
+    """(D, H, W) labels from `encode_volume_prefix` features; the same labels as
+    `predict_volume` on the volume (same math, the prefix is just not recomputed)."""
+    model.eval()
+    device = next(model.parameters()).device
+    labels = np.zeros((features.shape[0], *shape), dtype=_label_dtype(model.num_classes))
+    for start in range(0, features.shape[0], batch_size):
+        x = features[start : start + batch_size].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(x, start_unit=prefix_units)
+        probs = stage_probabilities(out, stage).float()
+        labels[start : start + len(x)] = _labels_back(probs, shape)
+    return labels
+
+
+@torch.no_grad()
 def predict_volume_shared_prefix(
     models: Sequence[HSAM],
     volume: np.ndarray,

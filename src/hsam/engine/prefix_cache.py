@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
 from hsam.data import SliceDataset
+from hsam.inference import encode_volume_prefix
 from hsam.modeling.hsam import HSAM
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,9 @@ class PrefixCache:
         self.features = features
         self.labels = labels
         self.start_unit = start_unit
+        # Prefix features of whole (validation) volumes by case id, filled on first use and
+        # shared by every run given this cache.
+        self.volumes: dict[str, Tensor] = {}
 
     @property
     def num_views(self) -> int:
@@ -94,6 +99,20 @@ class PrefixCache:
             cache.nbytes / 2**20,
         )
         return cache
+
+    def volume_features(
+        self, model: HSAM, case_id: str, volume: np.ndarray, *, batch_size: int, bf16: bool
+    ) -> Tensor:
+        """Prefix features (D, ...) of every slice of a (D, H, W) volume, computed once."""
+        if case_id not in self.volumes:
+            self.volumes[case_id] = encode_volume_prefix(
+                model,
+                volume,
+                prefix_units=self.start_unit,
+                batch_size=batch_size,
+                precision="bf16" if bf16 else "fp32",
+            )
+        return self.volumes[case_id]
 
     def batches(
         self, epoch: int, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1

@@ -40,7 +40,7 @@ from hsam.engine.data import RunData, build_run_data
 from hsam.engine.distributed import ProcessInfo, barrier, init_process, shutdown
 from hsam.engine.prefix_cache import PrefixCache
 from hsam.errors import CheckpointError, ConfigError, OutputExistsError
-from hsam.inference import predict_volume
+from hsam.inference import predict_from_prefix, predict_volume
 from hsam.losses import hsam_loss, learning_rate, stage1_weight
 from hsam.metrics import dice
 from hsam.modeling.cmattn import class_noise_std_from_frequencies
@@ -84,11 +84,35 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def validation_dice(model: torch.nn.Module, cases, num_classes: int, batch_size: int) -> float:
-    """Mean over cases and classes of the 3-D Dice (legacy policy) on the validation cases."""
+def validation_dice(
+    model: torch.nn.Module,
+    cases,
+    num_classes: int,
+    batch_size: int,
+    *,
+    precision: str = "fp32",
+    cache: PrefixCache | None = None,
+) -> float:
+    """Mean over cases and classes of the 3-D Dice (legacy policy) on the validation cases.
+
+    With `cache`, the frozen encoder prefix of each volume is computed once and reused."""
     scores = []
     for case in cases:
-        pred, _ = predict_volume(model, case.image, batch_size=batch_size)
+        if cache is None:
+            pred, _ = predict_volume(model, case.image, batch_size=batch_size, precision=precision)
+        else:
+            bf16 = precision == "bf16"
+            features = cache.volume_features(
+                model, case.case_id, case.image, batch_size=batch_size, bf16=bf16
+            )
+            pred = predict_from_prefix(
+                model,
+                features,
+                case.image.shape[1:],
+                prefix_units=cache.start_unit,
+                batch_size=batch_size,
+                precision=precision,
+            )
         for c in range(1, num_classes + 1):
             scores.append(dice(pred == c, case.label == c, "legacy"))
     return float(np.mean(scores))
@@ -351,6 +375,8 @@ class Trainer:
                         self.data.val_cases,
                         self.cfg.model.num_classes,
                         tcfg.inference_batch_size,
+                        precision=tcfg.precision,
+                        cache=self.cache,
                     )
                     record["val_dice"] = score
                     if self.best_dice is None or score > self.best_dice:

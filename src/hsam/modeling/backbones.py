@@ -200,13 +200,19 @@ class LiteMedSAMBackbone(TinyViT):
         self.patch_stride = 4
         self.activation_checkpointing = activation_checkpointing
         set_attention_impl(self, attention_impl)
-        # The convolutional stages run at S/4 on many channels; channels-last lets oneDNN's
-        # depthwise and 1x1 kernels skip layout reorders (1.3x faster frozen prefix on CPU).
+        self.use_channels_last(True)
+
+    def use_channels_last(self, enabled: bool) -> None:
+        """Run the convolutional stages channels-last (default) or in the package's layout.
+
+        They run at S/4 on many channels; channels-last lets oneDNN's depthwise and 1x1
+        kernels skip layout reorders (1.3x faster frozen prefix on CPU, same math)."""
+        self.memory_format = torch.channels_last if enabled else torch.contiguous_format
         for module in (self.patch_embed, self.layers[0]):
-            module.to(memory_format=torch.channels_last)
+            module.to(memory_format=self.memory_format)
 
     def _stem(self, x: Tensor) -> Tensor:
-        return self.patch_embed(x.contiguous(memory_format=torch.channels_last))
+        return self.patch_embed(x.contiguous(memory_format=self.memory_format))
 
     def _neck(self, x: Tensor) -> Tensor:
         b, n, c = x.shape

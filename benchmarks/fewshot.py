@@ -1,0 +1,448 @@
+"""Few-shot results: H-SAM, the SAMed baseline and the Table-4 ablations over several seeds.
+
+    python benchmarks/fewshot.py configs/la_4scans_litemedsam_cpu.yaml --seeds 0 1 2 \\
+        --name la4 --title "LA, 4 labelled scans" --out runs/fewshot/la4
+
+For each seed, every configuration is trained with `hsam train`'s engine on the protocol's
+training split (checkpoint chosen on the validation volumes carved from the training cases,
+never on the test list), then all checkpoints are evaluated in 3-D on the test list. The
+frozen encoder units before the LoRA blocks are computed once per seed for a fixed set of
+augmented views and shared by every configuration of that seed (same math as recomputing), and
+once per test volume for all runs. Each finished run is kept in --out: an interrupted call
+picks up where it stopped.
+
+The script writes its own section of docs/results.md (between `<!-- fewshot:NAME -->` markers,
+other sections untouched): rows = configurations, mean and standard deviation over seeds of
+mean Dice, HD95 and per-class Dice (legacy policy, as the paper's tables), training time per
+run, and a paragraph, computed from the numbers, on whether each of the paper's claims held.
+
+Any protocol config works (a user's LA test list: --test-list FILE; a Synapse folder:
+--set data.root=DIR with a Synapse config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hsam.atomic import atomic_write_text
+from hsam.build import build_hsam
+from hsam.checkpoint import load_checkpoint
+from hsam.config import RunConfig, load_run_config
+from hsam.data import read_dataset
+from hsam.devices import configure_cpu_allocator
+from hsam.engine.data import build_run_data, prepare_case, read_id_list
+from hsam.engine.prefix_cache import PrefixCache
+from hsam.engine.trainer import run_training
+from hsam.inference import predict_volume_shared_prefix
+from hsam.metrics import evaluate_case
+from hsam.reports import case_rows, summarize
+
+logger = logging.getLogger("fewshot")
+REPO = Path(__file__).resolve().parents[1]
+
+# Table 4's components: the mask-modulated cross-attention (MA), the hierarchical pixel
+# decoder (HPD) and CMAttn. Every two-stage row switches them on or off; SAMed is stage 1 only.
+COMPONENTS = ("mask_attention", "hierarchical_pixel_decoder", "cmattn")
+SHORT = {"mask_attention": "MA", "hierarchical_pixel_decoder": "HPD", "cmattn": "CMAttn"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Configuration:
+    name: str
+    label: str
+    stages: int
+    components: frozenset[str]
+
+    def model_overrides(self) -> dict[str, Any]:
+        if self.stages == 1:
+            return {"stages": 1}
+        return {
+            "stages": 2,
+            "mask_attention": "mask_attention" in self.components,
+            "hierarchical_pixel_decoder": "hierarchical_pixel_decoder" in self.components,
+            "cmattn": "paper" if "cmattn" in self.components else "off",
+        }
+
+
+def _two_stage(name: str, *components: str) -> Configuration:
+    label = " + ".join(SHORT[c] for c in components) if components else "no component"
+    return Configuration(name, f"two-stage, {label}", 2, frozenset(components))
+
+
+CONFIGURATIONS = {
+    c.name: c
+    for c in (
+        Configuration("samed", "SAMed baseline (stage 1 only)", 1, frozenset()),
+        _two_stage("two_stage"),
+        _two_stage("ma", "mask_attention"),
+        _two_stage("hpd", "hierarchical_pixel_decoder"),
+        _two_stage("cmattn", "cmattn"),
+        _two_stage("ma_hpd", "mask_attention", "hierarchical_pixel_decoder"),
+        _two_stage("ma_cmattn", "mask_attention", "cmattn"),
+        _two_stage("hpd_cmattn", "hierarchical_pixel_decoder", "cmattn"),
+        Configuration("hsam", "H-SAM (all components)", 2, frozenset(COMPONENTS)),
+    )
+}
+# The issue's table: baseline, each component alone, each pair, all three.
+TABLE4 = ["samed", "ma", "hpd", "cmattn", "ma_hpd", "ma_cmattn", "hpd_cmattn", "hsam"]
+
+
+def run_config(protocol: RunConfig, config: Configuration, seed: int) -> RunConfig:
+    cfg = dataclasses.replace(
+        protocol,
+        model=dataclasses.replace(protocol.model, **config.model_overrides()),
+        train=dataclasses.replace(protocol.train, seed=seed, cache_encoder_prefix=True),
+    )
+    return cfg
+
+
+def _record_path(out: Path, seed: int, name: str) -> Path:
+    return out / f"seed{seed}" / name / "fewshot_run.json"
+
+
+def train_seed(
+    protocol: RunConfig, seed: int, names: list[str], out: Path
+) -> tuple[list[dict[str, Any]], float]:
+    """Train every configuration for one seed; returns run records and the cache build time."""
+    records, pending = [], []
+    for name in names:
+        path = _record_path(out, seed, name)
+        if path.is_file():
+            records.append(json.loads(path.read_text()))
+            logger.info("seed %d %s: already trained (%s)", seed, name, path.parent)
+        else:
+            pending.append(name)
+    cache_s = 0.0
+    if pending:
+        cfg = run_config(protocol, CONFIGURATIONS[pending[0]], seed)
+        t = time.time()
+        data = build_run_data(cfg.data, cfg.train, cfg.model.image_size)
+        encoder = build_hsam(cfg.model, seed=seed).model
+        cache = PrefixCache.build(
+            encoder,
+            data.train,
+            views=cfg.train.augmented_views,
+            stop_unit=encoder.first_trainable_unit,
+            batch_size=cfg.train.inference_batch_size,
+            device=torch.device("cpu"),
+            bf16=cfg.train.precision == "bf16",
+        )
+        cache_s = time.time() - t
+        del encoder
+    for name in pending:
+        cfg = run_config(protocol, CONFIGURATIONS[name], seed)
+        run_dir = out / f"seed{seed}" / name
+        logger.info("seed %d: training %s", seed, CONFIGURATIONS[name].label)
+        t = time.time()
+        result = run_training(cfg, run_dir, cache=cache)
+        record = {
+            "seed": seed,
+            "name": name,
+            "checkpoint": str(result.best_checkpoint),
+            "selected_on": "validation" if result.best_val_dice is not None else "last epoch",
+            "best_val_dice": result.best_val_dice,
+            "train_seconds": time.time() - t,
+            "prefix_cache_seconds": cache_s,
+        }
+        atomic_write_text(_record_path(out, seed, name), json.dumps(record, indent=2))
+        records.append(record)
+    return records, cache_s
+
+
+def shared_prefix_groups(models: list[torch.nn.Module]) -> list[list[int]]:
+    """Indices of models grouped by identical frozen encoder (same prefix, computed once per
+    group). Pretrained backbones put every run in one group; random ones (tests) split by seed."""
+
+    def frozen(model: torch.nn.Module) -> list[torch.Tensor]:
+        return [p for p in model.image_encoder.parameters() if not p.requires_grad]
+
+    groups: list[list[int]] = []
+    for i, model in enumerate(models):
+        for group in groups:
+            first = models[group[0]]
+            if first.first_trainable_unit == model.first_trainable_unit and all(
+                torch.equal(a, b) for a, b in zip(frozen(first), frozen(model), strict=True)
+            ):
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
+def evaluate_runs(
+    protocol: RunConfig, records: list[dict[str, Any]], test_ids: list[str]
+) -> dict[tuple[int, str], dict[str, Any]]:
+    """3-D evaluation of every run's checkpoint on the test cases (prefix shared per slice)."""
+    loaded = [load_checkpoint(r["checkpoint"]) for r in records]
+    models = [lc.built.model.eval() for lc in loaded]
+    groups = shared_prefix_groups(models)
+    policy = loaded[0].meta["intensity_policy"]
+    k = protocol.model.num_classes
+    rows: list[list[dict[str, Any]]] = [[] for _ in records]
+    for i, case_id in enumerate(test_ids, 1):
+        (case,) = read_dataset(protocol.data.format, protocol.data.root, [case_id])
+        case = prepare_case(case, policy)
+        t = time.time()
+        for group in groups:
+            predictions = predict_volume_shared_prefix(
+                [models[j] for j in group],
+                case.image,
+                prefix_units=models[group[0]].first_trainable_unit,
+                batch_size=protocol.train.inference_batch_size,
+                precision=protocol.train.precision,
+            )
+            for j, labels in zip(group, predictions, strict=True):
+                result = evaluate_case(labels, case.label, k, case.spacing, 2.0)
+                rows[j].extend(case_rows(case.case_id, result, case.label_names))
+        logger.info("test case %d/%d %s: %.0f s", i, len(test_ids), case_id, time.time() - t)
+    return {
+        (r["seed"], r["name"]): summarize(run_rows, n_resamples=200)
+        for r, run_rows in zip(records, rows, strict=True)
+    }
+
+
+def scores(summary: dict[str, Any]) -> dict[str, Any]:
+    """Mean Dice (%), HD95 (voxels) and per-class Dice (%) under the legacy policy."""
+    legacy = summary["policies"]["legacy"]
+
+    def pct(x: float | None) -> float:
+        return float("nan") if x is None else 100.0 * x
+
+    return {
+        "dice": pct(legacy["mean"]["dice"]["mean"]),
+        "hd95": float("nan")
+        if legacy["mean"]["hd95"]["mean"] is None
+        else legacy["mean"]["hd95"]["mean"],
+        "per_class": {c["name"]: pct(c["dice"]["mean"]) for c in legacy["per_class"]},
+    }
+
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "—"
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.2f} ± {sd:.2f}"
+
+
+def _paired(table: dict[tuple[int, str], dict[str, Any]], a: str, b: str, seeds: list[int]):
+    """Per-seed Dice differences a - b (seeds where both ran)."""
+    return [
+        table[(s, a)]["dice"] - table[(s, b)]["dice"]
+        for s in seeds
+        if (s, a) in table and (s, b) in table
+    ]
+
+
+def _verdict(diffs: list[float]) -> str:
+    if not diffs:
+        return "not measured"
+    mean = statistics.fmean(diffs)
+    sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    wins = sum(d > 0 for d in diffs)
+    spread = f"{mean:+.2f} Dice points (sd {sd:.2f}; better in {wins} of {len(diffs)} seeds)"
+    if mean > 0 and wins == len(diffs):
+        return f"held: {spread}"
+    if mean > 0:
+        return f"not clearly: {spread}, within the seed-to-seed spread"
+    return f"did not hold: {spread}"
+
+
+def claims(table: dict[tuple[int, str], dict[str, Any]], seeds: list[int]) -> list[str]:
+    """Sentences on the paper's claims, computed from paired per-seed differences."""
+    overall = _verdict(_paired(table, "hsam", "samed", seeds))
+    lines = [f"- H-SAM better than the SAMed baseline: {overall}."]
+    by_components = {c.components: n for n, c in CONFIGURATIONS.items() if c.stages == 2}
+    for component in COMPONENTS:
+        diffs: list[float] = []
+        pairs = []
+        for without, name in by_components.items():
+            if component in without:
+                continue
+            with_name = by_components.get(without | {component})
+            if with_name is None:
+                continue
+            d = _paired(table, with_name, name, seeds)
+            if d:
+                diffs += d
+                pairs.append(f"{name} -> {with_name}")
+        alone = _paired(table, by_components[frozenset({component})], "samed", seeds)
+        lines.append(
+            f"- Adding {SHORT[component]} to a two-stage model "
+            f"({', '.join(pairs) or 'no pair run'}): {_verdict(diffs)}. "
+            f"{SHORT[component]} alone vs SAMed: {_verdict(alone)}."
+        )
+    return lines
+
+
+def render(
+    args: argparse.Namespace,
+    protocol: RunConfig,
+    records: list[dict[str, Any]],
+    table: dict[tuple[int, str], dict[str, Any]],
+    test_ids: list[str],
+    cache_seconds: dict[int, float],
+    eval_seconds: float,
+) -> str:
+    seeds = sorted({r["seed"] for r in records})
+    names = [n for n in args.configs if any(r["name"] == n for r in records)]
+    classes = list(next(iter(table.values()))["per_class"])
+    train_s = {(r["seed"], r["name"]): r["train_seconds"] for r in records}
+    selected = sorted({r["selected_on"] for r in records})
+    m, d, t = protocol.model, protocol.data, protocol.train
+    now = dt.datetime.now(dt.timezone.utc)
+    lines = [
+        f"<!-- fewshot:{args.name} -->",
+        f"## {args.title}",
+        "",
+        f"Written by `benchmarks/fewshot.py` on {now:%Y-%m-%d %H:%M} UTC:",
+        "",
+        f"    {args.command}",
+        "",
+        f"- protocol: `{args.protocol}`; backbone `{m.backbone}` at S = {m.image_size}, LoRA rank "
+        f"{m.lora_rank} on the last {m.lora_last_n} encoder blocks; {t.epochs} epochs, batch "
+        f"{t.batch_size}, lr {t.base_lr}, {t.augmented_views} cached augmented views, "
+        f"{t.precision}; seeds {', '.join(map(str, seeds))}.",
+        f"- test: {len(test_ids)} volumes from `{args.test_list or d.test_list}`, 3-D, "
+        "legacy policy (the paper's convention: Dice, HD95 in voxels); checkpoint chosen on "
+        f"{' / '.join(selected)} (validation volumes carved from the training cases: "
+        f"{d.val_cases}).",
+        f"- machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+        f"torch threads, torch {torch.__version__}; encoder prefix cache "
+        f"{statistics.fmean(cache_seconds.values()) if cache_seconds else 0:.0f} s per seed "
+        f"(shared by its runs), test evaluation of all runs {eval_seconds:.0f} s.",
+        "",
+        "Mean ± standard deviation over seeds.",
+        "",
+        "| Configuration | MA | HPD | CMAttn | Dice (%) | HD95 (vox) | "
+        + " | ".join(f"{c} Dice" for c in classes)
+        + " | train time (s) |",
+        "|---|---|---|---|---|---|" + "---|" * len(classes) + "---|",
+    ]
+    for name in names:
+        cfg = CONFIGURATIONS[name]
+        runs = [table[(s, name)] for s in seeds if (s, name) in table]
+        marks = ["✓" if c in cfg.components else "" for c in COMPONENTS]
+        if cfg.stages == 1:
+            marks = ["—"] * 3
+        cells = [
+            cfg.label,
+            *marks,
+            _mean_sd([r["dice"] for r in runs]),
+            _mean_sd([r["hd95"] for r in runs]),
+            *[_mean_sd([r["per_class"][c] for r in runs]) for c in classes],
+            _mean_sd([train_s[(s, name)] for s in seeds if (s, name) in train_s]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Per seed, mean Dice (%):",
+        "",
+        "| Configuration | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|---|" + "---|" * len(seeds),
+    ]
+    for name in names:
+        cells = [f"{table[(s, name)]['dice']:.2f}" if (s, name) in table else "—" for s in seeds]
+        lines.append(f"| {CONFIGURATIONS[name].label} | " + " | ".join(cells) + " |")
+    lines += ["", "Did the paper's claims hold here (paired by seed)?", "", *claims(table, seeds)]
+    lines += ["", f"<!-- /fewshot:{args.name} -->", ""]
+    return "\n".join(lines)
+
+
+def update_results(path: Path, name: str, section: str) -> None:
+    """Replace this protocol's section of the results file (other sections stay)."""
+    start, end = f"<!-- fewshot:{name} -->", f"<!-- /fewshot:{name} -->"
+    if path.is_file():
+        text = path.read_text()
+    else:
+        text = (
+            "# Few-shot results\n\n"
+            "Each section below is written by `benchmarks/fewshot.py` (command inside); "
+            "rerun it to refresh.\n\n"
+        )
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        after = rest.split(end, 1)[1].lstrip("\n")
+        text = before + section + after
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    atomic_write_text(path, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("protocol", help="run config (YAML) of the protocol, e.g. configs/...")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=TABLE4,
+        choices=list(CONFIGURATIONS),
+        help=f"configurations to run (default: {' '.join(TABLE4)})",
+    )
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--test-list", help="file of test case ids (default: data.test_list)")
+    parser.add_argument("--out", required=True, help="folder of the runs (reused if present)")
+    parser.add_argument("--name", required=True, help="section key in the results file")
+    parser.add_argument("--title", help="section title (default: the name)")
+    parser.add_argument("--results", default=str(REPO / "docs" / "results.md"))
+    args = parser.parse_args(argv)
+    args.title = args.title or args.name
+    args.command = "python benchmarks/fewshot.py " + " ".join(
+        a if " " not in a else repr(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    configure_cpu_allocator()
+
+    protocol = load_run_config(args.protocol, args.set)
+    test_spec = args.test_list or protocol.data.test_list
+    if not test_spec:
+        parser.error("the protocol has no data.test_list; pass --test-list")
+    test_ids = read_id_list(test_spec)
+    out = Path(args.out)
+    records: list[dict[str, Any]] = []
+    cache_seconds: dict[int, float] = {}
+    for seed in args.seeds:
+        seed_records, cache_s = train_seed(protocol, seed, args.configs, out)
+        records += seed_records
+        if cache_s:
+            cache_seconds[seed] = cache_s
+    t = time.time()
+    summaries = evaluate_runs(protocol, records, test_ids)
+    eval_seconds = time.time() - t
+    table = {key: scores(s) for key, s in summaries.items()}
+    atomic_write_text(
+        out / "results.json",
+        json.dumps(
+            {
+                "command": args.command,
+                "runs": records,
+                "scores": [{"seed": s, "name": n, **v} for (s, n), v in table.items()],
+                "summaries": [{"seed": s, "name": n, **v} for (s, n), v in summaries.items()],
+            },
+            indent=2,
+        ),
+    )
+    section = render(args, protocol, records, table, test_ids, cache_seconds, eval_seconds)
+    update_results(Path(args.results), args.name, section)
+    logger.info("wrote %s (section %s) and %s", args.results, args.name, out / "results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,160 @@
+"""benchmarks/fewshot.py: configurations, claims, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from hsam.checkpoint import load_checkpoint
+from hsam.data import read_dataset
+from hsam.engine.data import prepare_case
+from hsam.inference import predict_volume
+from hsam.metrics import dice
+from test_training import write_nnunet_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def fewshot():
+    spec = importlib.util.spec_from_file_location("fewshot", REPO / "benchmarks" / "fewshot.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fewshot"] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("fewshot", None)
+
+
+def test_table4_configurations_switch_the_right_components(fewshot):
+    over = {n: fewshot.CONFIGURATIONS[n].model_overrides() for n in fewshot.TABLE4}
+    assert over["samed"] == {"stages": 1}
+    assert over["hsam"] == {
+        "stages": 2,
+        "mask_attention": True,
+        "hierarchical_pixel_decoder": True,
+        "cmattn": "paper",
+    }
+    assert over["ma"]["mask_attention"] and not over["ma"]["hierarchical_pixel_decoder"]
+    assert over["ma"]["cmattn"] == "off"
+    assert over["hpd_cmattn"] == {
+        "stages": 2,
+        "mask_attention": False,
+        "hierarchical_pixel_decoder": True,
+        "cmattn": "paper",
+    }
+    # Each component alone and each pair, plus baseline and full model: 8 distinct rows.
+    assert len({json.dumps(o, sort_keys=True) for o in over.values()}) == 8
+
+
+def test_claims_are_computed_from_paired_seeds(fewshot):
+    def row(d):
+        return {"dice": d, "hd95": 1.0, "per_class": {}}
+
+    table = {}
+    for seed, base in enumerate([80.0, 82.0, 81.0]):
+        table[(seed, "samed")] = row(base)
+        table[(seed, "hsam")] = row(base + 1.0)  # better in every seed
+        table[(seed, "ma_hpd")] = row(base + 2.0)  # CMAttn hurts: hsam = ma_hpd - 1
+        table[(seed, "ma_cmattn")] = row(base + 1.0 - (0.5 if seed else -0.5))
+    lines = fewshot.claims(table, [0, 1, 2])
+    assert lines[0].startswith("- H-SAM better than the SAMed baseline: held: +1.00")
+    cm = next(line for line in lines if line.startswith("- Adding CMAttn"))
+    assert "ma_hpd -> hsam" in cm and "did not hold: -1.00" in cm
+    hpd = next(line for line in lines if line.startswith("- Adding HPD"))
+    assert "ma_cmattn -> hsam" in hpd and "not clearly" in hpd  # +0.5 in two seeds, -0.5 in one
+
+
+def _tiny_protocol(tmp_path: Path) -> Path:
+    data = write_nnunet_dataset(tmp_path / "data", n_cases=5)
+    (tmp_path / "train.list").write_text("case0\ncase1\ncase2\n")
+    (tmp_path / "test.list").write_text("case3\ncase4\n")
+    cfg = {
+        "model": {
+            "backbone": "tiny",
+            "image_size": 64,
+            "num_classes": 1,
+            "lora_rank": 2,
+            "lora_last_n": 1,
+        },
+        "data": {
+            "format": "nnunet",
+            "root": str(data),
+            "train_list": str(tmp_path / "train.list"),
+            "val_cases": 1,
+            "test_list": str(tmp_path / "test.list"),
+            "num_classes": 1,
+        },
+        "train": {
+            "epochs": 2,
+            "batch_size": 2,
+            "max_steps_per_epoch": 2,
+            "warmup_steps": 1,
+            "val_every": 1,
+            "augmented_views": 2,
+        },
+    }
+    path = tmp_path / "protocol.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_fewshot_end_to_end_on_a_tiny_protocol(tmp_path, fewshot):
+    protocol = _tiny_protocol(tmp_path)
+    results = tmp_path / "results.md"
+    results.write_text(
+        "# Few-shot results\n\nintro kept\n\n<!-- fewshot:other -->\nother\n"
+        "<!-- /fewshot:other -->\n"
+    )
+    argv = [
+        str(protocol),
+        "--seeds",
+        "0",
+        "1",
+        "--configs",
+        "samed",
+        "hsam",
+        "--out",
+        str(tmp_path / "runs"),
+        "--name",
+        "tiny",
+        "--results",
+        str(results),
+    ]
+    assert fewshot.main(argv) == 0
+
+    text = results.read_text()
+    assert "intro kept" in text and "<!-- fewshot:other -->\nother" in text
+    section = text.split("<!-- fewshot:tiny -->", 1)[1].split("<!-- /fewshot:tiny -->", 1)[0]
+    assert "SAMed baseline (stage 1 only)" in section and "H-SAM (all components)" in section
+    assert "seed 0 | seed 1" in section and "H-SAM better than the SAMed baseline" in section
+
+    # Every reported Dice is that of the run's selected checkpoint on the test volumes.
+    out = json.loads((tmp_path / "runs" / "results.json").read_text())
+    assert {(r["seed"], r["name"]) for r in out["runs"]} == {
+        (s, n) for s in (0, 1) for n in ("samed", "hsam")
+    }
+    run = next(r for r in out["runs"] if (r["seed"], r["name"]) == (1, "hsam"))
+    assert run["selected_on"] == "validation"
+    loaded = load_checkpoint(run["checkpoint"])
+    model = loaded.built.model.eval()
+    scores = []
+    for case in read_dataset("nnunet", tmp_path / "data", ["case3", "case4"]):
+        case = prepare_case(case, loaded.meta["intensity_policy"])
+        pred, _ = predict_volume(model, case.image, batch_size=8)
+        scores.append(dice(pred == 1, case.label == 1, "legacy"))
+    reported = next(s for s in out["scores"] if (s["seed"], s["name"]) == (1, "hsam"))
+    assert reported["dice"] == pytest.approx(100 * np.mean(scores), abs=1e-6)
+
+    # A second call reuses the finished runs and rewrites only its own section.
+    record = tmp_path / "runs" / "seed0" / "samed" / "fewshot_run.json"
+    before = record.stat().st_mtime_ns
+    assert fewshot.main(argv) == 0
+    assert record.stat().st_mtime_ns == before
+    text = results.read_text()
+    assert text.count("<!-- fewshot:tiny -->") == 1 and "intro kept" in text
