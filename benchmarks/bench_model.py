@@ -351,17 +351,20 @@ LITE_LORA_LAST_N = 2
 CACHE_SCHEDULES = {"demo": (2, 3), "CPU recipes": (4, 12)}
 
 # (attention, precision, checkpointing, malloc_tuned) of the training rows; the first row of
-# each list is the straightforward fp32 baseline.
+# each list is the straightforward fp32 baseline. `hsam` commands always tune the allocator,
+# so "+ malloc" rows are what they run; rows without it isolate the other changes.
 TRAIN_VARIANTS = {
     "small": [
         ("package", "fp32", False, False),
         ("auto", "fp32", False, False),
+        ("auto", "fp32", False, True),
         ("auto", "bf16", False, False),
         ("auto", "bf16", False, True),
     ],
     "large": [
         ("package", "fp32", False, False),
         ("auto", "fp32", False, False),
+        ("auto", "fp32", False, True),
         ("package", "bf16", False, False),
         ("auto", "bf16", False, False),
         ("auto", "bf16", False, True),
@@ -370,32 +373,32 @@ TRAIN_VARIANTS = {
     ],
     "lite": [
         ("package", "fp32", False, False),
-        ("auto", "fp32", False, False),
+        ("auto", "fp32", False, True),
         ("auto", "bf16", False, False),
         ("auto", "bf16", False, True),
         ("auto", "bf16", True, True),
     ],
 }
-# (attention, precision, batch or None for the config's batched size) of the inference rows;
-# the first row is the baseline: straightforward fp32, one slice at a time.
+# (attention, precision, batch or None for the config's batched size, malloc_tuned) of the
+# inference rows; the first row is the baseline: straightforward fp32, one slice at a time.
 INFER_VARIANTS = {
     "small": [
-        ("package", "fp32", 1),
-        ("package", "fp32", None),
-        ("auto", "fp32", None),
-        ("auto", "bf16", None),
-        ("auto", "bf16", 1),
+        ("package", "fp32", 1, False),
+        ("package", "fp32", None, False),
+        ("auto", "fp32", None, True),
+        ("auto", "bf16", None, True),
+        ("auto", "bf16", 1, True),
     ],
     "large": [
-        ("package", "fp32", 1),
-        ("auto", "fp32", None),
-        ("auto", "bf16", None),
-        ("auto", "bf16", 1),
+        ("package", "fp32", 1, False),
+        ("auto", "fp32", None, True),
+        ("auto", "bf16", None, True),
+        ("auto", "bf16", 1, True),
     ],
     "lite": [
-        ("package", "fp32", 1),
-        ("auto", "fp32", None),
-        ("auto", "bf16", None),
+        ("package", "fp32", 1, False),
+        ("auto", "fp32", None, True),
+        ("auto", "bf16", None, True),
     ],
 }
 
@@ -442,19 +445,21 @@ def plan(quick: bool, device_name: str) -> list[Job]:
                         malloc_tuned=not gpu,
                         lora_last_n=LITE_LORA_LAST_N,
                         cached=cached,
+                        count_flops=True,  # fewer FLOPs than the whole-encoder rows
                         repeats=2 if quick else 5,
                         **common,
                     )
                 )
         slices = 2 if quick else slices
         infer = INFER_VARIANTS[key][:1] + INFER_VARIANTS[key][2:3] if quick else INFER_VARIANTS[key]
-        for i, (attention, precision, b) in enumerate(infer):
+        for i, (attention, precision, b, malloc) in enumerate(infer):
             jobs.append(
                 Job(
                     kind="infer",
                     batch=min(b or batched, slices),
                     attention=attention,
                     precision=precision,
+                    malloc_tuned=malloc and not gpu,
                     volume_slices=slices,
                     repeats=2 if quick or heavy else 3,
                     count_flops=i == 0,
@@ -588,7 +593,9 @@ def render(
             mem = None
             if base and r.peak_mem_gb and not r.error:
                 mem = r.peak_mem_gb / base.peak_mem_gb
-            frac = _gemm_fraction(r, flops, gemm)
+            # Rows that train fewer blocks counted their own FLOPs; others share the group's.
+            row_flops = r.flops or (flops if r.job.lora_last_n is None else None)
+            frac = _gemm_fraction(r, row_flops, gemm)
             row = {
                 "kind": kind,
                 "backbone": backbone,
@@ -605,7 +612,7 @@ def render(
                 "peak_mem_gb": r.peak_mem_gb,
                 "speedup_vs_straightforward_fp32": speed,
                 "mem_ratio_vs_straightforward_fp32": mem,
-                "flops": flops,
+                "flops": row_flops,
                 "gemm_fraction": frac,
                 "error": r.error,
                 "other_load_cores": r.other_load,
@@ -632,7 +639,16 @@ def render(
                 )
         if flops:
             unit = "training step" if kind == "train" else "volume"
-            lines += ["", f"Model FLOPs per {unit}: {flops / 1e9:.1f} GFLOP."]
+            own = [
+                f"{r.job.label}: {r.flops / 1e9:.1f} GFLOP"
+                for r in group
+                if r.flops and r.job.lora_last_n is not None
+            ]
+            lines += [
+                "",
+                f"Model FLOPs per {unit}: {flops / 1e9:.1f} GFLOP"
+                + (f" (LoRA on every block; {'; '.join(own)})." if own else "."),
+            ]
         lines.append("")
     lines += _cached_prefix_section(rows)
     lines += _issue_comparison(rows, meta["gpu"])
