@@ -168,13 +168,18 @@ def shared_prefix_groups(models: list[torch.nn.Module]) -> list[list[int]]:
     def frozen(model: torch.nn.Module) -> list[torch.Tensor]:
         return [p for p in model.image_encoder.parameters() if not p.requires_grad]
 
+    def same_prefix(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+        fa, fb = frozen(a), frozen(b)
+        return (
+            a.first_trainable_unit == b.first_trainable_unit
+            and len(fa) == len(fb)
+            and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(fa, fb, strict=True))
+        )
+
     groups: list[list[int]] = []
     for i, model in enumerate(models):
         for group in groups:
-            first = models[group[0]]
-            if first.first_trainable_unit == model.first_trainable_unit and all(
-                torch.equal(a, b) for a, b in zip(frozen(first), frozen(model), strict=True)
-            ):
+            if same_prefix(models[group[0]], model):
                 group.append(i)
                 break
         else:
