@@ -8,8 +8,8 @@ training split (checkpoint chosen on the validation volumes carved from the trai
 never on the test list), then all checkpoints are evaluated in 3-D on the test list. The
 frozen encoder units before the LoRA blocks are computed once per seed for a fixed set of
 augmented views and shared by every configuration of that seed (same math as recomputing), and
-once per test volume for all runs. Each finished run is kept in --out: an interrupted call
-picks up where it stopped.
+once per test volume for all runs. Each finished run is kept in --out and an interrupted run
+resumes from its last finished epoch, so a second call picks up where the first stopped.
 
 The script writes its own section of docs/results.md (between `<!-- fewshot:NAME -->` markers,
 other sections untouched): rows = configurations, mean and standard deviation over seeds of
@@ -146,7 +146,9 @@ def train_seed(
         run_dir = out / f"seed{seed}" / name
         logger.info("seed %d: training %s", seed, CONFIGURATIONS[name].label)
         t = time.time()
-        result = run_training(cfg, run_dir, cache=cache)
+        # A run interrupted after an epoch continues from its resume state.
+        resume = (run_dir / "checkpoints" / "last.pt").is_file()
+        result = run_training(cfg, run_dir, cache=cache, resume=resume)
         record = {
             "seed": seed,
             "name": name,

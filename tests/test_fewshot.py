@@ -158,3 +158,28 @@ def test_fewshot_end_to_end_on_a_tiny_protocol(tmp_path, fewshot):
     assert record.stat().st_mtime_ns == before
     text = results.read_text()
     assert text.count("<!-- fewshot:tiny -->") == 1 and "intro kept" in text
+
+
+def test_fewshot_resumes_an_interrupted_run(tmp_path, fewshot):
+    from hsam.config import load_run_config
+
+    protocol = _tiny_protocol(tmp_path)
+    run_dir = tmp_path / "runs" / "seed0" / "samed"
+    cfg = fewshot.run_config(load_run_config(protocol), fewshot.CONFIGURATIONS["samed"], 0)
+    fewshot.run_training(cfg, run_dir, stop_after=1)  # as if the call was killed after epoch 1
+    argv = [
+        str(protocol),
+        "--seeds",
+        "0",
+        "--configs",
+        "samed",
+        "--out",
+        str(tmp_path / "runs"),
+        "--name",
+        "tiny",
+        "--results",
+        str(tmp_path / "r.md"),
+    ]
+    assert fewshot.main(argv) == 0
+    epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").open()]
+    assert epochs == [0, 1]  # epoch 0 from the first call, epoch 1 resumed
