@@ -241,8 +241,9 @@ def _mean_sd(values: list[float]) -> str:
     if not values:
         return "—"
     mean = statistics.fmean(values)
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.2f} ± {sd:.2f}"
+    if len(values) == 1:
+        return f"{mean:.2f}"  # one seed: no spread to report
+    return f"{mean:.2f} ± {statistics.stdev(values):.2f}"
 
 
 def _paired(table: dict[tuple[int, str], dict[str, Any]], a: str, b: str, seeds: list[int]):
@@ -258,7 +259,9 @@ def _verdict(diffs: list[float]) -> str:
     if not diffs:
         return "not measured"
     mean = statistics.fmean(diffs)
-    sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    if len(diffs) == 1:
+        return f"one seed only ({mean:+.2f} Dice points), no verdict without a spread"
+    sd = statistics.stdev(diffs)
     wins = sum(d > 0 for d in diffs)
     spread = f"{mean:+.2f} Dice points (sd {sd:.2f}; better in {wins} of {len(diffs)} seeds)"
     if mean > 0 and wins == len(diffs):
@@ -332,7 +335,7 @@ def render(
         f"{statistics.fmean(cache_seconds.values()) if cache_seconds else 0:.0f} s per seed "
         f"(shared by its runs), test evaluation of all runs {eval_seconds:.0f} s.",
         "",
-        "Mean ± standard deviation over seeds.",
+        "Mean ± standard deviation over seeds (the mean alone for a single seed).",
         "",
         "| Configuration | MA | HPD | CMAttn | Dice (%) | HD95 (vox) | "
         + " | ".join(f"{c} Dice" for c in classes)
@@ -427,8 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         seed_records, cache_s = train_seed(protocol, seed, args.configs, out)
         records += seed_records
-        if cache_s:
-            cache_seconds[seed] = cache_s
+        # Reused runs report the cache time of the call that trained them.
+        cache_seconds[seed] = cache_s or max(r["prefix_cache_seconds"] for r in seed_records)
     t = time.time()
     summaries = evaluate_runs(protocol, records, test_ids)
     eval_seconds = time.time() - t

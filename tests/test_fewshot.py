@@ -68,6 +68,8 @@ def test_claims_are_computed_from_paired_seeds(fewshot):
     assert "ma_hpd -> hsam" in cm and "did not hold: -1.00" in cm
     hpd = next(line for line in lines if line.startswith("- Adding HPD"))
     assert "ma_cmattn -> hsam" in hpd and "not clearly" in hpd  # +0.5 in two seeds, -0.5 in one
+    single = fewshot.claims({(0, "samed"): row(80.0), (0, "hsam"): row(82.0)}, [0])
+    assert "one seed only (+2.00" in single[0]  # no verdict from a single seed
 
 
 def _tiny_protocol(tmp_path: Path) -> Path:
