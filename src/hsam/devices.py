@@ -61,11 +61,12 @@ def configure_cpu_allocator(
 
     By default glibc serves every allocation above a few MiB with a fresh `mmap` (and
     `munmap`s it when freed) and trims the heap top whenever 128 KiB are free, so each forward
-    pass page-faults its activations in again: on the 2-core machines a third of the CPU time
-    of a LiteMedSAM step went to the kernel, and the frozen LiteMedSAM encoder ran 3x slower
-    than with the memory kept (docs/benchmarks.md). Raising the mmap and trim thresholds,
-    padding heap growth and using a single arena keeps it. Peak RSS barely changes (the
-    memory was needed at the peak anyway); it is just not given back between steps.
+    pass page-faults its activations in again: on the 2-core machines over a third of the CPU
+    time of a LiteMedSAM bf16 step went to the kernel, and the step took 9.6 s instead of 7.1 s
+    with the memory kept (docs/benchmarks.json: "fast bf16" vs "fast bf16 + malloc"). Raising
+    the mmap and trim thresholds, padding heap growth and using a single arena keeps it.
+    Peak RSS barely changes (the memory was needed at the peak anyway); it is just not given
+    back between steps.
 
     Process-wide and irreversible; `hsam`'s commands call it at start-up. Returns False (and
     changes nothing) where the C library is not glibc.

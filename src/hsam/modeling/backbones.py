@@ -206,7 +206,7 @@ class LiteMedSAMBackbone(TinyViT):
         """Run the convolutional stages channels-last (default) or in the package's layout.
 
         They run at S/4 on many channels; channels-last lets oneDNN's depthwise and 1x1
-        kernels skip layout reorders (1.3x faster frozen prefix on CPU, same math)."""
+        kernels skip layout reorders (faster on CPU, same math)."""
         self.memory_format = torch.channels_last if enabled else torch.contiguous_format
         for module in (self.patch_embed, self.layers[0]):
             module.to(memory_format=self.memory_format)
