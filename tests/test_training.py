@@ -394,3 +394,31 @@ def test_cached_validation_reuses_volume_prefix_and_matches(tmp_path):
     features = next(iter(cache.volumes.values()))
     validation_dice(model, data.val_cases, 1, 2, cache=cache)  # second use: no recompute
     assert next(iter(cache.volumes.values())) is features
+
+
+@pytest.mark.slow  # inductor compiles for minutes on 2 cores
+def test_compiled_training_matches_eager(tmp_path):
+    """train.compile runs the same math: the losses agree with the eager run and the
+    checkpoint keys carry no torch.compile prefix (it loads like any other)."""
+    cfg_path = tiny_run_config(tmp_path, epochs=1)
+    eager = run_training(load_run_config(cfg_path), tmp_path / "eager")
+    compiled = run_training(load_run_config(cfg_path, ["train.compile=true"]), tmp_path / "comp")
+
+    def losses(run):
+        lines = (run.run_dir / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in lines]
+
+    assert losses(compiled) == pytest.approx(losses(eager), rel=1e-3)
+    assert (
+        _trainable(compiled.run_dir / "checkpoints" / "best.pt").keys()
+        == _trainable(eager.run_dir / "checkpoints" / "best.pt").keys()
+    )
+
+
+def test_compile_without_a_cxx_compiler_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "no-tools"))
+    monkeypatch.delenv("CXX", raising=False)
+    cfg = load_run_config(tiny_run_config(tmp_path, epochs=1), ["train.compile=true"])
+    with pytest.raises(ConfigError, match="C\\+\\+ compiler"):
+        run_training(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -250,6 +250,10 @@ class TrainConfig:
     # math as recomputing; worth it when LoRA covers only the last blocks (model.lora_last_n).
     cache_encoder_prefix: bool = False
     augmented_views: int = 4
+    # torch.compile (inductor) the training forward pass. Compiling costs minutes on a small
+    # CPU (and needs a C++ compiler there); whether it pays off is measured per configuration
+    # in docs/benchmarks.md. Validation stays eager: its batch shapes differ.
+    compile: bool = False
 
 
 @dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
+import shutil
 import sys
 
 import torch
@@ -49,6 +51,22 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
                 f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s)."
             )
     return dev
+
+
+def check_compile_supported(device: torch.device) -> None:
+    """Fail early, with what to do, where `torch.compile` could only fail at the first step.
+
+    Raises:
+        ConfigError: on CPU without a C++ compiler (inductor generates and builds C++ there).
+    """
+    if device.type != "cpu":
+        return
+    candidates = [os.environ.get("CXX"), "g++", "c++", "clang++"]
+    if not any(shutil.which(c) for c in candidates if c):
+        raise ConfigError(
+            "train.compile=true on CPU needs a C++ compiler (g++ or clang++, or $CXX) for "
+            "torch.compile's inductor backend; install one or set train.compile=false."
+        )
 
 
 def configure_cpu_allocator(

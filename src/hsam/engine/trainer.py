@@ -36,6 +36,7 @@ from hsam.build import BuiltModel, build_hsam
 from hsam.checkpoint import atomic_torch_save, load_trainable_state, save_checkpoint
 from hsam.config import RunConfig, dump_yaml, from_dict, load_yaml, to_dict
 from hsam.data.splits import manifest_sha256, write_manifest
+from hsam.devices import check_compile_supported
 from hsam.engine.data import RunData, build_run_data
 from hsam.engine.distributed import ProcessInfo, barrier, init_process, shutdown
 from hsam.engine.prefix_cache import PrefixCache
@@ -152,12 +153,19 @@ class Trainer:
             self.trainable, lr=tcfg.base_lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay
         )
         self.net: torch.nn.Module = self.model
+        self.ddp: DistributedDataParallel | None = None
         if process.distributed:
             ids = [process.device.index] if process.device.type == "cuda" else None
             # The reference CMAttn leaves one LayerNorm unused; DDP must be told.
-            self.net = DistributedDataParallel(
+            self.ddp = DistributedDataParallel(
                 self.model, device_ids=ids, find_unused_parameters=cfg.model.cmattn == "reference"
             )
+            self.net = self.ddp
+        if tcfg.compile:
+            check_compile_supported(process.device)
+            # Compiles lazily on the first step; checkpoints still come from `self.model`, so
+            # their keys carry no `_orig_mod.` prefix.
+            self.net = torch.compile(self.net)
         if process.distributed:
             self.sampler = DistributedSampler(
                 self.data.train,
@@ -322,7 +330,7 @@ class Trainer:
                 inputs, labels, start_unit = next(micro_iter)
                 inputs, labels = inputs.to(device), labels.to(device)
                 last = micro == accum - 1
-                sync = nullcontext() if last or not self.process.distributed else self.net.no_sync()
+                sync = nullcontext() if last or self.ddp is None else self.ddp.no_sync()
                 with (
                     sync,
                     torch.autocast(
