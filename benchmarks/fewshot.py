@@ -45,6 +45,7 @@ from hsam.devices import configure_cpu_allocator
 from hsam.engine.data import build_run_data, prepare_case, read_id_list
 from hsam.engine.prefix_cache import PrefixCache
 from hsam.engine.trainer import run_training
+from hsam.hashing import file_sha256
 from hsam.inference import predict_volume_shared_prefix
 from hsam.metrics import evaluate_case
 from hsam.reports import case_rows, summarize
@@ -189,10 +190,59 @@ def shared_prefix_groups(models: list[torch.nn.Module]) -> list[list[int]]:
     return groups
 
 
+def _evaluation_key(protocol: RunConfig, record: dict[str, Any], test_ids: list[str]) -> dict:
+    """What an evaluation of a run depends on: a stored one is reused only if all match."""
+    return {
+        "checkpoint_sha256": file_sha256(record["checkpoint"]),
+        "data_format": protocol.data.format,
+        "data_root": str(Path(protocol.data.root).resolve()),
+        "test_ids": list(test_ids),
+        "precision": protocol.train.precision,
+        "inference_batch_size": protocol.train.inference_batch_size,
+    }
+
+
+def _evaluation_path(record: dict[str, Any]) -> Path:
+    """<run dir>/fewshot_eval.json, beside the run record (checkpoint: <run dir>/checkpoints)."""
+    return Path(record["checkpoint"]).parents[1] / "fewshot_eval.json"
+
+
+def stored_evaluation(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The summary stored at `path` for exactly this evaluation `key`, else None."""
+    stored = json.loads(path.read_text()) if path.is_file() else None
+    return stored["summary"] if stored and stored["key"] == key else None
+
+
 def evaluate_runs(
     protocol: RunConfig, records: list[dict[str, Any]], test_ids: list[str]
+) -> tuple[dict[tuple[int, str], dict[str, Any]], int]:
+    """3-D evaluation of every run's checkpoint on the test cases (prefix shared per slice).
+
+    A run evaluated before with the same checkpoint bytes, data and test list keeps its stored
+    summary (beside its run record); returns the summaries and how many were reused."""
+    summaries: dict[tuple[int, str], dict[str, Any]] = {}
+    todo: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    for record in records:
+        key = _evaluation_key(protocol, record, test_ids)
+        summary = stored_evaluation(_evaluation_path(record), key)
+        if summary is None:
+            todo.append((record, key))
+        else:
+            summaries[(record["seed"], record["name"])] = summary
+    if todo:
+        fresh = _evaluate(protocol, [r for r, _ in todo], test_ids)
+        for record, key in todo:
+            summary = fresh[(record["seed"], record["name"])]
+            stored = json.dumps({"key": key, "summary": summary}, indent=2)
+            atomic_write_text(_evaluation_path(record), stored)
+            summaries[(record["seed"], record["name"])] = summary
+    ordered = {(r["seed"], r["name"]): summaries[(r["seed"], r["name"])] for r in records}
+    return ordered, len(records) - len(todo)
+
+
+def _evaluate(
+    protocol: RunConfig, records: list[dict[str, Any]], test_ids: list[str]
 ) -> dict[tuple[int, str], dict[str, Any]]:
-    """3-D evaluation of every run's checkpoint on the test cases (prefix shared per slice)."""
     loaded = [load_checkpoint(r["checkpoint"]) for r in records]
     models = [lc.built.model.eval() for lc in loaded]
     groups = shared_prefix_groups(models)
@@ -306,6 +356,7 @@ def render(
     test_ids: list[str],
     cache_seconds: dict[int, float],
     eval_seconds: float,
+    reused: int = 0,
 ) -> str:
     seeds = sorted({r["seed"] for r in records})
     names = [n for n in args.configs if any(r["name"] == n for r in records)]
@@ -333,7 +384,8 @@ def render(
         f"- machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
         f"torch threads, torch {torch.__version__}; encoder prefix cache "
         f"{statistics.fmean(cache_seconds.values()) if cache_seconds else 0:.0f} s per seed "
-        f"(shared by its runs), test evaluation of all runs {eval_seconds:.0f} s.",
+        f"(shared by its runs), test evaluation {eval_seconds:.0f} s"
+        + (f" ({reused} of {len(records)} runs' evaluations reused)." if reused else "."),
         "",
         "Mean ± standard deviation over seeds (the mean alone for a single seed).",
         "",
@@ -433,8 +485,10 @@ def main(argv: list[str] | None = None) -> int:
         # Reused runs report the cache time of the call that trained them.
         cache_seconds[seed] = cache_s or max(r["prefix_cache_seconds"] for r in seed_records)
     t = time.time()
-    summaries = evaluate_runs(protocol, records, test_ids)
+    summaries, reused = evaluate_runs(protocol, records, test_ids)
     eval_seconds = time.time() - t
+    if reused:
+        logger.info("%d of %d evaluations reused from earlier calls", reused, len(records))
     table = {key: scores(s) for key, s in summaries.items()}
     atomic_write_text(
         out / "results.json",
@@ -448,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
             indent=2,
         ),
     )
-    section = render(args, protocol, records, table, test_ids, cache_seconds, eval_seconds)
+    section = render(args, protocol, records, table, test_ids, cache_seconds, eval_seconds, reused)
     update_results(Path(args.results), args.name, section)
     logger.info("wrote %s (section %s) and %s", args.results, args.name, out / "results.json")
     return 0

@@ -153,13 +153,25 @@ def test_fewshot_end_to_end_on_a_tiny_protocol(tmp_path, fewshot):
     reported = next(s for s in out["scores"] if (s["seed"], s["name"]) == (1, "hsam"))
     assert reported["dice"] == pytest.approx(100 * np.mean(scores), abs=1e-6)
 
-    # A second call reuses the finished runs and rewrites only its own section.
+    # A second call reuses the finished runs and their evaluations, and rewrites only its
+    # own section.
     record = tmp_path / "runs" / "seed0" / "samed" / "fewshot_run.json"
-    before = record.stat().st_mtime_ns
+    evaluation = record.with_name("fewshot_eval.json")
+    before = record.stat().st_mtime_ns, evaluation.stat().st_mtime_ns
     assert fewshot.main(argv) == 0
-    assert record.stat().st_mtime_ns == before
+    assert (record.stat().st_mtime_ns, evaluation.stat().st_mtime_ns) == before
     text = results.read_text()
     assert text.count("<!-- fewshot:tiny -->") == 1 and "intro kept" in text
+    assert "4 of 4 runs' evaluations reused" in text
+    again = json.loads((tmp_path / "runs" / "results.json").read_text())["scores"]
+    assert again == out["scores"]
+
+    # Another test list is evaluated afresh.
+    one = tmp_path / "one.list"
+    one.write_text("case3\n")
+    assert fewshot.main([*argv, "--test-list", str(one)]) == 0
+    assert json.loads(evaluation.read_text())["key"]["test_ids"] == ["case3"]
+    assert "evaluations reused" not in results.read_text()
 
 
 def test_fewshot_resumes_an_interrupted_run(tmp_path, fewshot):

@@ -8,7 +8,6 @@ model key is either loaded or listed below as new, and anything else is an error
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from hsam.errors import CheckpointError
+from hsam.hashing import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +61,6 @@ class LoadReport:
     unused: list[str] = field(default_factory=list)  # checkpoint keys deliberately skipped
     new: list[str] = field(default_factory=list)  # model keys with fresh initialisation
     resized: list[str] = field(default_factory=list)
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def litemedsam_weights_path() -> Path:
@@ -188,6 +180,8 @@ def resolve_backbone_weights(backbone: str, path: str | None) -> WeightsIdentity
         return WeightsIdentity(backbone, None, None)
     if backbone == "litemedsam":
         bundled = litemedsam_weights_path() if path is None else Path(path)
+        if not bundled.is_file():
+            raise CheckpointError(f"LiteMedSAM weights {bundled} do not exist; check the path.")
         digest = file_sha256(bundled)
         if digest != LITEMEDSAM_SHA256:
             raise CheckpointError(

@@ -31,6 +31,7 @@ import numpy as np
 
 from hsam.atomic import atomic_write_bytes, atomic_write_text
 from hsam.errors import DataError
+from hsam.hashing import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -136,18 +137,6 @@ def carve_validation(
 def write_list(path: str | Path, ids: Sequence[str]) -> None:
     """Write a list file (one id a line) atomically."""
     atomic_write_text(path, "".join(f"{i}\n" for i in ids))
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"cannot hash {path}: the file does not exist.")
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def make_manifest(
