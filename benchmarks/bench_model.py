@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hsam.atomic import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 # Rows measured while other processes kept more than this many cores busy, or whose repeats
 # differ by more than this factor, are measured again.
@@ -367,8 +369,21 @@ def run_in_subprocess(job: Job, device_name: str, timeout_s: float) -> Result:
 
 # LiteMedSAM's last stage (two attention blocks), as in the demo and the CPU recipes.
 LITE_LORA_LAST_N = 2
-# (augmented views, epochs) schedules the cached-prefix cost is amortised over.
-CACHE_SCHEDULES = {"demo": (2, 3), "CPU recipes": (4, 12)}
+
+
+def cache_schedules() -> dict[str, tuple[int, int]]:
+    """(augmented views, epochs) of the schedules the cached-prefix cost is amortised over:
+    the demo's and the CPU recipes' (read from them, so the table follows their changes)."""
+    from hsam.config import load_run_config
+    from hsam.demo import DemoSchedule
+
+    demo = DemoSchedule()
+    recipe = load_run_config(REPO / "configs" / "la_4scans_litemedsam_cpu.yaml").train
+    return {
+        "demo": (demo.augmented_views, demo.epochs),
+        "CPU recipes": (recipe.augmented_views, recipe.epochs),
+    }
+
 
 # (attention, precision, checkpointing, malloc_tuned) of the training rows; the first row of
 # each list is the straightforward fp32 baseline. `hsam` commands always tune the allocator,
@@ -540,14 +555,16 @@ def machine_description(device_name: str) -> str:
     )
 
 
-def _group(results: list[Result]) -> Iterator[tuple[tuple[str, str, int], list[Result]]]:
+def _group(
+    items: list[Any], key: Callable[[Any], tuple[str, str, int]]
+) -> Iterator[tuple[tuple[str, str, int], list[Any]]]:
+    """Items grouped by (kind, backbone, image size), groups in order of first appearance."""
     keys: list[tuple[str, str, int]] = []
-    for r in results:
-        key = (r.job.kind, r.job.backbone, r.job.image_size)
-        if key not in keys:
-            keys.append(key)
-    for key in keys:
-        yield key, [r for r in results if (r.job.kind, r.job.backbone, r.job.image_size) == key]
+    for item in items:
+        if key(item) not in keys:
+            keys.append(key(item))
+    for k in keys:
+        yield k, [item for item in items if key(item) == k]
 
 
 def _fmt(value: float | None, spec: str = ".2f") -> str:
@@ -560,10 +577,68 @@ def _gemm_fraction(r: Result, flops: float | None, gemm: dict[str, float]) -> fl
     return flops / r.median_s / 1e9 / gemm[r.job.precision]
 
 
-def render(
-    results: list[Result], gemm: dict[str, float], meta: dict[str, Any]
-) -> tuple[str, list[dict[str, Any]]]:
-    """Markdown report and JSON rows."""
+def to_rows(results: list[Result], gemm: dict[str, float]) -> list[dict[str, Any]]:
+    """JSON rows of a run: each measurement with its ratios against the straightforward fp32
+    row of its group (same model, size and batch) and its fraction of the GEMM rate."""
+    rows: list[dict[str, Any]] = []
+    for (kind, backbone, size), group in _group(
+        results, lambda r: (r.job.kind, r.job.backbone, r.job.image_size)
+    ):
+        base = next(
+            (
+                r
+                for r in group
+                if r.job.attention == "package"
+                and r.job.precision == "fp32"
+                and not r.job.checkpointing
+                and (kind == "train" or r.job.batch == 1)
+                and not r.error
+            ),
+            None,
+        )
+        flops = next((r.flops for r in group if r.flops), None)
+        for r in group:
+            speed = base.median_s / r.median_s if base and r.median_s and not r.error else None
+            mem = None
+            if base and r.peak_mem_gb and not r.error:
+                mem = r.peak_mem_gb / base.peak_mem_gb
+            # Rows that train fewer blocks counted their own FLOPs; others share the group's.
+            row_flops = r.flops or (flops if r.job.lora_last_n is None else None)
+            rows.append(
+                {
+                    "kind": kind,
+                    "backbone": backbone,
+                    "image_size": size,
+                    "path": r.job.label,
+                    "attention": r.job.attention,
+                    "precision": r.job.precision,
+                    "checkpointing": r.job.checkpointing,
+                    "batch": r.job.batch,
+                    "volume_slices": r.job.volume_slices or None,
+                    "times_s": r.times_s,
+                    "median_s": r.median_s,
+                    "slices_per_s": r.slices_per_s,
+                    "peak_mem_gb": r.peak_mem_gb,
+                    "speedup_vs_straightforward_fp32": speed,
+                    "mem_ratio_vs_straightforward_fp32": mem,
+                    "flops": row_flops,
+                    "gemm_fraction": _gemm_fraction(r, row_flops, gemm),
+                    "error": r.error,
+                    "other_load_cores": r.other_load,
+                    "spread": r.spread,
+                    "sys_fraction": r.sys_fraction,
+                    "lora_last_n": r.job.lora_last_n,
+                    "cached": r.job.cached,
+                    "prefix_s_per_slice": r.prefix_s_per_slice,
+                    "compiled": r.job.compiled,
+                    "compile_s": r.compile_s,
+                }
+            )
+    return rows
+
+
+def render(rows: list[dict[str, Any]], gemm: dict[str, float], meta: dict[str, Any]) -> str:
+    """The markdown report of a run's JSON rows (also re-rendered from benchmarks.json)."""
     lines = [
         "# Benchmarks",
         "",
@@ -604,25 +679,12 @@ def render(
         "straightforward path) / time / measured GEMM rate of the row's precision.",
         "",
     ]
-    rows: list[dict[str, Any]] = []
-    for (kind, backbone, size), group in _group(results):
-        base = next(
-            (
-                r
-                for r in group
-                if r.job.attention == "package"
-                and r.job.precision == "fp32"
-                and not r.job.checkpointing
-                and (kind == "train" or r.job.batch == 1)
-                and not r.error
-            ),
-            None,
-        )
-        flops = next((r.flops for r in group if r.flops), None)
+    for (kind, backbone, size), group in _group(
+        rows, lambda r: (r["kind"], r["backbone"], r["image_size"])
+    ):
         if kind == "train":
-            batch = group[0].job.batch
             lines += [
-                f"## Training step: `{backbone}`, S = {size}, batch {batch}",
+                f"## Training step: `{backbone}`, S = {size}, batch {group[0]['batch']}",
                 "",
                 "| path | step (s, median) | slices/s | speed-up | peak mem (GB) | mem ratio "
                 "| GEMM fraction | other load | spread |",
@@ -631,77 +693,46 @@ def render(
         else:
             lines += [
                 f"## Inference: `{backbone}`, S = {size}, volume of "
-                f"{group[0].job.volume_slices} slices (`predict_volume`)",
+                f"{group[0]['volume_slices']} slices (`predict_volume`)",
                 "",
                 "| path | batch | volume (s, median) | slices/s | speed-up | peak mem (GB) "
                 "| GEMM fraction | other load | spread |",
                 "|---|---|---|---|---|---|---|---|---|",
             ]
         for r in group:
-            speed = base.median_s / r.median_s if base and r.median_s and not r.error else None
-            mem = None
-            if base and r.peak_mem_gb and not r.error:
-                mem = r.peak_mem_gb / base.peak_mem_gb
-            # Rows that train fewer blocks counted their own FLOPs; others share the group's.
-            row_flops = r.flops or (flops if r.job.lora_last_n is None else None)
-            frac = _gemm_fraction(r, row_flops, gemm)
-            row = {
-                "kind": kind,
-                "backbone": backbone,
-                "image_size": size,
-                "path": r.job.label,
-                "attention": r.job.attention,
-                "precision": r.job.precision,
-                "checkpointing": r.job.checkpointing,
-                "batch": r.job.batch,
-                "volume_slices": r.job.volume_slices or None,
-                "times_s": r.times_s,
-                "median_s": r.median_s,
-                "slices_per_s": r.slices_per_s,
-                "peak_mem_gb": r.peak_mem_gb,
-                "speedup_vs_straightforward_fp32": speed,
-                "mem_ratio_vs_straightforward_fp32": mem,
-                "flops": row_flops,
-                "gemm_fraction": frac,
-                "error": r.error,
-                "other_load_cores": r.other_load,
-                "spread": r.spread,
-                "sys_fraction": r.sys_fraction,
-                "lora_last_n": r.job.lora_last_n,
-                "cached": r.job.cached,
-                "prefix_s_per_slice": r.prefix_s_per_slice,
-                "compiled": r.job.compiled,
-                "compile_s": r.compile_s,
-            }
-            rows.append(row)
-            if r.error:
-                lines.append(f"| {r.job.label} | error: {r.error} | | | | | | | |")
+            speed, frac = r["speedup_vs_straightforward_fp32"], r["gemm_fraction"]
+            load = _fmt(r["other_load_cores"], ".1f")
+            if r["error"]:
+                lines.append(f"| {r['path']} | error: {r['error']} | | | | | | | |")
             elif kind == "train":
                 lines.append(
-                    f"| {r.job.label} | {r.median_s:.3f} | {r.slices_per_s:.2f} | "
-                    f"{_fmt(speed)}x | {r.peak_mem_gb:.2f} | {_fmt(mem)} | {_fmt(frac, '.0%')} | "
-                    f"{_fmt(r.other_load, '.1f')} | {r.spread:.2f} |"
+                    f"| {r['path']} | {r['median_s']:.3f} | {r['slices_per_s']:.2f} | "
+                    f"{_fmt(speed)}x | {r['peak_mem_gb']:.2f} | "
+                    f"{_fmt(r['mem_ratio_vs_straightforward_fp32'])} | {_fmt(frac, '.0%')} | "
+                    f"{load} | {r['spread']:.2f} |"
                 )
             else:
                 lines.append(
-                    f"| {r.job.label} | {r.job.batch} | {r.median_s:.2f} | "
-                    f"{r.slices_per_s:.2f} | {_fmt(speed)}x | {r.peak_mem_gb:.2f} | "
-                    f"{_fmt(frac, '.0%')} | {_fmt(r.other_load, '.1f')} | {r.spread:.2f} |"
+                    f"| {r['path']} | {r['batch']} | {r['median_s']:.2f} | "
+                    f"{r['slices_per_s']:.2f} | {_fmt(speed)}x | {r['peak_mem_gb']:.2f} | "
+                    f"{_fmt(frac, '.0%')} | {load} | {r['spread']:.2f} |"
                 )
-        compiled = [f"{r.job.label}: {r.compile_s:.0f} s" for r in group if r.compile_s]
+        compiled = [r for r in group if r.get("compile_s")]
         if compiled:
             lines += [
                 "",
-                "torch.compile (inductor, cold cache): the first call, compilation included, took "
-                + "; ".join(compiled)
+                "torch.compile (inductor, cold cache): the first call, compilation included, "
+                "took "
+                + "; ".join(f"{r['compile_s']:.0f} s ({r['path']})" for r in compiled)
                 + ". It is paid once per process and model shape; not in the medians above.",
             ]
+        flops = next((r["flops"] for r in group if r["flops"] and r["lora_last_n"] is None), None)
         if flops:
             unit = "training step" if kind == "train" else "volume"
             own = [
-                f"{r.job.label}: {r.flops / 1e9:.1f} GFLOP"
+                f"{r['path']}: {r['flops'] / 1e9:.1f} GFLOP"
                 for r in group
-                if r.flops and r.job.lora_last_n is not None
+                if r["flops"] and r["lora_last_n"] is not None
             ]
             lines += [
                 "",
@@ -711,7 +742,7 @@ def render(
         lines.append("")
     lines += _cached_prefix_section(rows)
     lines += _issue_comparison(rows, meta["gpu"])
-    return "\n".join(lines) + "\n", rows
+    return "\n".join(lines) + "\n"
 
 
 def _cached_prefix_section(rows: list[dict[str, Any]]) -> list[str]:
@@ -758,7 +789,7 @@ def _cached_prefix_section(rows: list[dict[str, Any]]) -> list[str]:
             f"| last stage, cached prefix, steps only: {row['path']} | {per_slice:.3f} | "
             f"{per_slice_whole / per_slice:.2f}x |"
         )
-    for name, (views, epochs) in CACHE_SCHEDULES.items():
+    for name, (views, epochs) in cache_schedules().items():
         total = per_slice_cached + prefix * views / epochs
         lines.append(
             f"| last stage, cached prefix incl. cache, {name} (V = {views}, E = {epochs}) | "
@@ -943,8 +974,20 @@ def main(argv: list[str] | None = None) -> int:
         help=f"rounds of re-measuring rows with other load above {CONTENDED} cores or "
         f"repeats more than {SPREAD}x apart",
     )
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="rewrite benchmarks.md from the numbers in --out/benchmarks.json (no measuring)",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.render_only:
+        payload = json.loads((out / "benchmarks.json").read_text())
+        markdown = render(payload["rows"], payload["gemm_gflops"], payload["meta"])
+        atomic_write_text(out / "benchmarks.md", markdown)
+        print(f"rendered {out / 'benchmarks.md'} from {out / 'benchmarks.json'}")
+        return 0
 
     if args.worker is not None:
         worker_main(args.worker, args.device)
@@ -999,12 +1042,12 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "total_s": time.perf_counter() - started,
     }
-    markdown, rows = render(results, gemm, meta)
-    out = Path(args.out)
+    rows = to_rows(results, gemm)
+    markdown = render(rows, gemm, meta)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmarks.md").write_text(markdown)
+    atomic_write_text(out / "benchmarks.md", markdown)
     payload = {"meta": meta, "gemm_gflops": gemm, "rows": rows}
-    (out / "benchmarks.json").write_text(json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(out / "benchmarks.json", json.dumps(payload, indent=2) + "\n")
     print(markdown)
     print(f"wrote {out / 'benchmarks.md'} and {out / 'benchmarks.json'} in {meta['total_s']:.0f} s")
     return 0
