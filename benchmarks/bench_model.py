@@ -760,42 +760,60 @@ def _cached_prefix_section(rows: list[dict[str, Any]]) -> list[str]:
     per_slice_whole = best_whole["median_s"] / best_whole["batch"]
     per_slice_cached = cached["median_s"] / cached["batch"]
     prefix = cached["prefix_s_per_slice"]
+    plain = _best(rows, "median_s", path="straightforward fp32", **lite)
+    per_slice_plain = plain["median_s"] / plain["batch"] if plain else None
+
+    def ratios(per_slice: float) -> str:
+        vs_plain = _fmt(per_slice_plain / per_slice if per_slice_plain else None)
+        return f"{per_slice:.3f} | {per_slice_whole / per_slice:.2f}x | {vs_plain}x |"
+
     lines = [
         f"## Cached-prefix training: `litemedsam`, S = {cached['image_size']}, "
         f"batch {cached['batch']}",
         "",
-        f"Seconds per training slice and epoch. Whole encoder = LoRA on every block, fastest "
-        f"row above ({best_whole['path']}). Last stage = LoRA on the last {LITE_LORA_LAST_N} "
-        f"blocks: recomputing the frozen prefix every step, or from prefix features cached "
-        f"once per augmented view (`train.cache_encoder_prefix`; the cache costs "
-        f"{prefix:.3f} s per slice and view, amortised below over V views and E epochs). "
-        "Identical outputs to recomputing: tests/test_training.py.",
+        f"Seconds per training slice and epoch. Whole encoder = LoRA on every block: the "
+        f"fastest row above ({best_whole['path']}), and the straightforward fp32 row. Last "
+        f"stage = LoRA on the last {LITE_LORA_LAST_N} blocks: recomputing the frozen prefix "
+        f"every step, or from prefix features cached once per augmented view "
+        f"(`train.cache_encoder_prefix`; the cache costs {prefix:.3f} s per slice and view, "
+        "amortised below over V views and E epochs). Identical outputs to recomputing: "
+        "tests/test_training.py.",
         "",
-        "| path | s / slice / epoch | speed-up vs whole encoder |",
-        "|---|---|---|",
-        f"| whole encoder: {best_whole['path']} | {per_slice_whole:.3f} | 1.00x |",
+        "| path | s / slice / epoch | speed-up vs fastest whole encoder | speed-up vs "
+        "straightforward whole encoder |",
+        "|---|---|---|---|",
+        f"| whole encoder: {best_whole['path']} | {ratios(per_slice_whole)}",
     ]
     if recompute is not None:
         r = recompute["median_s"] / recompute["batch"]
-        lines.append(
-            f"| last stage, prefix recomputed: {recompute['path']} | {r:.3f} | "
-            f"{per_slice_whole / r:.2f}x |"
-        )
+        lines.append(f"| last stage, prefix recomputed: {recompute['path']} | {ratios(r)}")
     for row in (cached, compiled):
-        if row is None:
-            continue
-        per_slice = row["median_s"] / row["batch"]
-        lines.append(
-            f"| last stage, cached prefix, steps only: {row['path']} | {per_slice:.3f} | "
-            f"{per_slice_whole / per_slice:.2f}x |"
-        )
+        if row is not None:
+            per_slice = row["median_s"] / row["batch"]
+            lines.append(
+                f"| last stage, cached prefix, steps only: {row['path']} | {ratios(per_slice)}"
+            )
     for name, (views, epochs) in cache_schedules().items():
         total = per_slice_cached + prefix * views / epochs
         lines.append(
             f"| last stage, cached prefix incl. cache, {name} (V = {views}, E = {epochs}) | "
-            f"{total:.3f} | {per_slice_whole / total:.2f}x |"
+            f"{ratios(total)}"
         )
-    lines += ["", "Target (issue 6): at least 5x faster per epoch than the whole encoder."]
+    fastest = min(r["median_s"] / r["batch"] for r in (cached, compiled) if r is not None)
+
+    def verdict(reference: float | None) -> str:
+        if reference is None:
+            return "not measured"
+        ratio = reference / fastest
+        return f"{ratio:.2f}x, {'met' if ratio >= 5.0 else 'not met'}"
+
+    lines += [
+        "",
+        "Target (issue 6): at least 5x faster per epoch than the whole encoder. Fastest "
+        f"cached step vs the fastest whole-encoder path (like for like): "
+        f"{verdict(per_slice_whole)}; vs the straightforward whole-encoder implementation: "
+        f"{verdict(per_slice_plain)}.",
+    ]
     if compiled is not None:
         lines.append(
             f"The compiled row also pays {compiled['compile_s']:.0f} s of compilation once per "
