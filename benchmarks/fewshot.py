@@ -10,6 +10,9 @@ frozen encoder units before the LoRA blocks are computed once per seed for a fix
 augmented views and shared by every configuration of that seed (same math as recomputing), and
 once per test volume for all runs. Each finished run is kept in --out and an interrupted run
 resumes from its last finished epoch, so a second call picks up where the first stopped.
+A run's test evaluation is kept beside it (`fewshot_eval.json`, keyed by the checkpoint's
+sha256, the data and the test list) and reused by later calls; delete those files to
+re-evaluate after changing the metrics code.
 
 The script writes its own section of docs/results.md (between `<!-- fewshot:NAME -->` markers,
 other sections untouched): rows = configurations, mean and standard deviation over seeds of
