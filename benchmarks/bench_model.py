@@ -596,14 +596,22 @@ def to_rows(results: list[Result], gemm: dict[str, float]) -> list[dict[str, Any
             ),
             None,
         )
-        flops = next((r.flops for r in group if r.flops), None)
         for r in group:
             speed = base.median_s / r.median_s if base and r.median_s and not r.error else None
             mem = None
             if base and r.peak_mem_gb and not r.error:
                 mem = r.peak_mem_gb / base.peak_mem_gb
-            # Rows that train fewer blocks counted their own FLOPs; others share the group's.
-            row_flops = r.flops or (flops if r.job.lora_last_n is None else None)
+            # FLOPs are counted once per model math (LoRA blocks, cached prefix): compiled and
+            # other fast rows share the count of the row that measured it.
+            row_flops = r.flops or next(
+                (
+                    o.flops
+                    for o in group
+                    if o.flops
+                    and (o.job.lora_last_n, o.job.cached) == (r.job.lora_last_n, r.job.cached)
+                ),
+                None,
+            )
             rows.append(
                 {
                     "kind": kind,
@@ -732,7 +740,7 @@ def render(rows: list[dict[str, Any]], gemm: dict[str, float], meta: dict[str, A
             own = [
                 f"{r['path']}: {r['flops'] / 1e9:.1f} GFLOP"
                 for r in group
-                if r["flops"] and r["lora_last_n"] is not None
+                if r["flops"] and r["lora_last_n"] is not None and not r["compiled"]
             ]
             lines += [
                 "",
