@@ -455,10 +455,15 @@ def plan(quick: bool, device_name: str) -> list[Job]:
     for backbone, size, batch, key, slices, batched in configs:
         common = dict(backbone=backbone, image_size=size, num_classes=8)
         heavy = size >= 512 or backbone == "litemedsam"
-        variants = TRAIN_VARIANTS[key][:2] if quick else TRAIN_VARIANTS[key]
+        variants = [
+            (*v, False) for v in (TRAIN_VARIANTS[key][:2] if quick else TRAIN_VARIANTS[key])
+        ]
         if gpu:  # the allocator switch is a CPU (glibc) matter
             variants = [v for v in variants if not v[3]]
-        for i, (attention, precision, ckpt, malloc) in enumerate(variants):
+        if not quick and key in COMPILED_TRAIN:
+            attention, precision, ckpt, malloc = COMPILED_TRAIN[key]
+            variants.append((attention, precision, ckpt, malloc and not gpu, True))
+        for i, (attention, precision, ckpt, malloc, compiled) in enumerate(variants):
             jobs.append(
                 Job(
                     kind="train",
@@ -467,23 +472,9 @@ def plan(quick: bool, device_name: str) -> list[Job]:
                     precision=precision,
                     checkpointing=ckpt,
                     malloc_tuned=malloc,
+                    compiled=compiled,
                     repeats=2 if quick or heavy else 5,
                     count_flops=i == 0,
-                    **common,
-                )
-            )
-        if not quick and key in COMPILED_TRAIN:
-            attention, precision, ckpt, malloc = COMPILED_TRAIN[key]
-            jobs.append(
-                Job(
-                    kind="train",
-                    batch=batch,
-                    attention=attention,
-                    precision=precision,
-                    checkpointing=ckpt,
-                    malloc_tuned=malloc and not gpu,
-                    compiled=True,
-                    repeats=2 if heavy else 5,
                     **common,
                 )
             )
