@@ -79,9 +79,9 @@ def configure_cpu_allocator(
 
     By default glibc serves every allocation above a few MiB with a fresh `mmap` (and
     `munmap`s it when freed) and trims the heap top whenever 128 KiB are free, so each forward
-    pass page-faults its activations in again: on the 2-core machines over a third of the CPU
-    time of a LiteMedSAM bf16 step went to the kernel, and the step took 9.6 s instead of 7.1 s
-    with the memory kept (docs/benchmarks.json: "fast bf16" vs "fast bf16 + malloc"). Raising
+    pass page-faults its activations in again: a large share of a LiteMedSAM bf16 step's CPU
+    time goes to the kernel (docs/benchmarks.json, rows "fast bf16" vs "fast bf16 + malloc":
+    their step time and `sys_fraction`, rerun by benchmarks/bench_model.py). Raising
     the mmap and trim thresholds, padding heap growth and using a single arena keeps it.
     Peak RSS barely changes (the memory was needed at the peak anyway); it is just not given
     back between steps.
