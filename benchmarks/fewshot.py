@@ -427,9 +427,21 @@ def render(
     return "\n".join(lines)
 
 
-def update_results(path: Path, name: str, section: str) -> None:
-    """Replace this protocol's section of the results file (other sections stay)."""
+def _split_section(text: str, name: str) -> tuple[str, str] | None:
+    """(text before, text after) the section `name`, or None if the file has none."""
     start, end = f"<!-- fewshot:{name} -->", f"<!-- /fewshot:{name} -->"
+    if start not in text or end not in text:
+        return None
+    before, rest = text.split(start, 1)
+    return before, rest.split(end, 1)[1].lstrip("\n")
+
+
+def update_results(path: Path, name: str, section: str, replaces: tuple[str, ...] = ()) -> None:
+    """Replace this protocol's section of the results file (other sections stay).
+
+    Sections named in `replaces` (e.g. an earlier partial run of the same protocol that
+    this one supersedes) are removed.
+    """
     if path.is_file():
         text = path.read_text()
     else:
@@ -438,10 +450,11 @@ def update_results(path: Path, name: str, section: str) -> None:
             "Each section below is written by `benchmarks/fewshot.py` (command inside); "
             "rerun it to refresh.\n\n"
         )
-    if start in text and end in text:
-        before, rest = text.split(start, 1)
-        after = rest.split(end, 1)[1].lstrip("\n")
-        text = before + section + after
+    for old in replaces:
+        if old != name and (parts := _split_section(text, old)) is not None:
+            text = parts[0] + parts[1]
+    if (parts := _split_section(text, name)) is not None:
+        text = parts[0] + section + parts[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section
     atomic_write_text(path, text)
@@ -464,6 +477,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True, help="section key in the results file")
     parser.add_argument("--title", help="section title (default: the name)")
     parser.add_argument("--results", default=str(REPO / "docs" / "results.md"))
+    parser.add_argument(
+        "--replaces",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="sections this one supersedes, removed from the results file (e.g. a partial run)",
+    )
     args = parser.parse_args(argv)
     args.title = args.title or args.name
     args.command = "python benchmarks/fewshot.py " + " ".join(
@@ -506,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     section = render(args, protocol, records, table, test_ids, cache_seconds, eval_seconds, reused)
-    update_results(Path(args.results), args.name, section)
+    update_results(Path(args.results), args.name, section, tuple(args.replaces))
     logger.info("wrote %s (section %s) and %s", args.results, args.name, out / "results.json")
     return 0
 

@@ -72,6 +72,21 @@ def test_claims_are_computed_from_paired_seeds(fewshot):
     assert "one seed only (+2.00" in single[0]  # no verdict from a single seed
 
 
+def test_a_full_section_replaces_the_partial_one(tmp_path, fewshot):
+    results = tmp_path / "results.md"
+    results.write_text(
+        "# Few-shot results\n\nintro\n\n<!-- fewshot:acdc -->\n3 seeds, 2 configs\n"
+        "<!-- /fewshot:acdc -->\n\n<!-- fewshot:acdc_partial -->\n2 seeds, 8 configs\n"
+        "<!-- /fewshot:acdc_partial -->\n\n<!-- fewshot:la -->\nla\n<!-- /fewshot:la -->\n"
+    )
+    full = "<!-- fewshot:acdc -->\n3 seeds, 8 configs\n<!-- /fewshot:acdc -->\n"
+    fewshot.update_results(results, "acdc", full, replaces=("acdc_partial", "absent"))
+    text = results.read_text()
+    assert "2 seeds" not in text and "fewshot:acdc_partial" not in text
+    assert text.count("3 seeds, 8 configs") == 1 and "3 seeds, 2 configs" not in text
+    assert text.startswith("# Few-shot results\n\nintro") and "<!-- fewshot:la -->\nla" in text
+
+
 def _tiny_protocol(tmp_path: Path) -> Path:
     data = write_nnunet_dataset(tmp_path / "data", n_cases=5)
     (tmp_path / "train.list").write_text("case0\ncase1\ncase2\n")
