@@ -162,6 +162,27 @@ def test_synapse_volume_orientation_and_dataset_json(tmp_path: Path) -> None:
     assert case2.spacing == (3.0, 1.0, 1.0) and case2.label_names[1] == "spleen"
 
 
+def test_synapse_training_case_is_rebuilt_from_its_slices(tmp_path: Path) -> None:
+    train = tmp_path / "train_npz"
+    train.mkdir()
+    (tmp_path / "test_vol_h5").mkdir()
+    label = _blob_label((4, 5, 7), 8)
+    image = _coded_volume((4, 5, 7)) / 1000.0
+    for z in (2, 0, 3, 1):  # glob order is not slice order
+        np.savez(train / f"case0005_slice{z:03d}.npz", image=image[z], label=label[z])
+    np.savez(train / "case00051_slice000.npz", image=image[0], label=label[0])  # another case
+    (case,) = read_dataset("synapse", tmp_path, ["case0005"])
+    assert case.case_id == "case0005" and case.shape == (4, 5, 7)
+    np.testing.assert_allclose(case.image, image.astype(np.float32))
+    np.testing.assert_array_equal(case.label, label)
+    assert case.intensity == "ct_window[-125,275]"
+    (train / "case0005_slice002.npz").unlink()
+    with pytest.raises(DataError, match=r"case0005 lacks slices \[2\].*data.val_cases: 0"):
+        read_dataset("synapse", tmp_path, ["case0005"])
+    with pytest.raises(DataError, match="case0009"):
+        read_dataset("synapse", tmp_path, ["case0009"])
+
+
 def test_synapse_volume_label_out_of_range(tmp_path: Path) -> None:
     with h5py.File(tmp_path / "case0002.npy.h5", "w") as f:
         f["image"] = np.zeros((2, 3, 3), np.float32)

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import yaml
@@ -212,3 +213,54 @@ def test_fewshot_resumes_an_interrupted_run(tmp_path, fewshot):
     assert fewshot.main(argv) == 0
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").open()]
     assert epochs == [0, 1]  # epoch 0 from the first call, epoch 1 resumed
+
+
+def _blob_volume(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(D, H, W) CT-windowed image in [0, 1] with a bright ellipsoid labelled 1."""
+    zz, yy, xx = np.mgrid[:6, :40, :40]
+    cy, cx = rng.integers(14, 26, size=2)
+    label = (((yy - cy) / 9.0) ** 2 + ((xx - cx) / 7.0) ** 2 + ((zz - 2.5) / 3.0) ** 2) <= 1
+    image = np.clip(rng.normal(0.3, 0.05, label.shape) + 0.5 * label, 0, 1)
+    return image.astype(np.float32), label.astype(np.uint8)
+
+
+def test_fewshot_runs_unchanged_on_a_synapse_folder(tmp_path, fewshot):
+    """TransUNet layout: training slices in train_npz/, test volumes in test_vol_h5/; the
+    validation case carved from the training cases is rebuilt from its slices."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "Synapse"
+    (root / "train_npz").mkdir(parents=True)
+    (root / "test_vol_h5").mkdir()
+    slice_ids = []
+    for case in ("case0005", "case0006", "case0007"):
+        image, label = _blob_volume(rng)
+        for z in range(image.shape[0]):
+            slice_ids.append(f"{case}_slice{z:03d}")
+            np.savez(root / "train_npz" / f"{slice_ids[-1]}.npz", image=image[z], label=label[z])
+    for case in ("case0001", "case0002"):
+        image, label = _blob_volume(rng)
+        with h5py.File(root / "test_vol_h5" / f"{case}.npy.h5", "w") as f:
+            f["image"], f["label"] = image, label
+    (tmp_path / "train.txt").write_text("\n".join(slice_ids[::2]) + "\n")
+    (tmp_path / "test_vol.txt").write_text("case0001\ncase0002\n")
+    protocol = yaml.safe_load(_tiny_protocol(tmp_path).read_text())
+    protocol["data"] = {
+        "format": "synapse",
+        "root": str(root),
+        "train_slices_list": str(tmp_path / "train.txt"),
+        "val_cases": 1,
+        "test_list": str(tmp_path / "test_vol.txt"),
+        "num_classes": 1,
+    }
+    path = tmp_path / "synapse.yaml"
+    path.write_text(yaml.safe_dump(protocol))
+    results = tmp_path / "results.md"
+    argv = [str(path), "--seeds", "0", "--configs", "hsam", "--out", str(tmp_path / "runs")]
+    assert fewshot.main([*argv, "--name", "syn", "--results", str(results)]) == 0
+
+    (run,) = json.loads((tmp_path / "runs" / "results.json").read_text())["runs"]
+    assert run["selected_on"] == "validation"
+    split = json.loads((tmp_path / "runs" / "seed0" / "hsam" / "split.json").read_text())
+    assert len(split["val"]) == 1 and split["val"][0] in {"case0005", "case0006", "case0007"}
+    assert not any(s.startswith(split["val"][0]) for s in split["train"])
+    assert "2 volumes from" in results.read_text()

@@ -19,6 +19,7 @@ from hsam.data.readers import (
     read_dataset,
     read_list,
     read_synapse_slice,
+    read_synapse_training_volume,
     read_synapse_volume,
     zscore,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "read_list",
     "read_manifest",
     "read_synapse_slice",
+    "read_synapse_training_volume",
     "read_synapse_volume",
     "resize_image",
     "resize_label",

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from hsam.data.case import Case
+from hsam.data.slices import parse_slice_id
 from hsam.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ __all__ = [
     "read_sitk_case",
     "read_synapse",
     "read_synapse_slice",
+    "read_synapse_training_volume",
     "read_synapse_volume",
     "zscore",
 ]
@@ -387,7 +389,9 @@ def _ids_synapse(root: Path) -> list[str]:
 def read_synapse(root: str | Path, ids: Iterable[str] | None = None) -> list[Case]:
     """Read TransUNet Synapse test volumes from ``root/test_vol_h5`` (or ``root`` itself).
 
-    ``ids`` are ``caseXXXX`` names (default: every ``*.npy.h5`` file, sorted). If ``root``
+    ``ids`` are ``caseXXXX`` names (default: every ``*.npy.h5`` file, sorted); an id with no
+    ``.npy.h5`` file but training slices is rebuilt from them
+    (:func:`read_synapse_training_volume`). If ``root``
     holds a ``dataset.json`` (as :func:`hsam.data.prepare.prepare` writes), its ``labels`` and
     per-case ``spacing`` are used; otherwise the TransUNet label names and spacing (1, 1, 1)
     are assumed and logged.
@@ -405,14 +409,72 @@ def read_synapse(root: str | Path, ids: Iterable[str] | None = None) -> list[Cas
     cases = []
     for cid in case_ids:
         sp = spacings.get(cid)
-        cases.append(
-            read_synapse_volume(
-                vol_dir / f"{cid}.npy.h5",
-                label_names=names,
-                spacing=tuple(sp) if sp else None,  # type: ignore[arg-type]
-            )
-        )
+        kwargs: dict[str, Any] = {
+            "label_names": names,
+            "spacing": tuple(sp) if sp else None,
+        }
+        path = vol_dir / f"{cid}.npy.h5"
+        # Training cases of the TransUNet release exist only as 2-D slices.
+        if not path.is_file() and _synapse_training_slices(root, cid):
+            cases.append(read_synapse_training_volume(root, cid, **kwargs))
+        else:
+            cases.append(read_synapse_volume(path, **kwargs))
     return cases
+
+
+def _synapse_training_slices(root: Path, case_id: str) -> dict[int, Path]:
+    """Slice index -> ``train_npz/<case_id>_sliceNNN.npz`` (empty if there is none)."""
+    base = root / "train_npz" if (root / "train_npz").is_dir() else root
+    found = {}
+    for path in base.glob(f"{case_id}_slice*.npz"):
+        case, index = parse_slice_id(path.stem)
+        if case == case_id:
+            found[index] = path
+    return found
+
+
+def read_synapse_training_volume(
+    root: str | Path,
+    case_id: str,
+    *,
+    label_names: dict[int, str] | None = None,
+    spacing: tuple[float, float, float] | None = None,
+    num_classes: int | None = None,
+) -> Case:
+    """Stack a training case's ``train_npz/<case_id>_sliceNNN.npz`` slices into a volume.
+
+    The TransUNet release ships its training cases only as 2-D slices; this rebuilds one,
+    e.g. for a validation case carved from the training cases. Every slice index between
+    the first and the last must be present (a partial volume would bias 3-D metrics).
+    Returns a ``(D, H, W)`` :class:`Case` like :func:`read_synapse_volume`.
+    """
+    root = Path(root)
+    slices = _synapse_training_slices(root, case_id)
+    if not slices:
+        raise DataError(f"{root}: no training slices {case_id}_sliceNNN.npz found.")
+    indices = sorted(slices)
+    missing = sorted(set(range(indices[0], indices[-1] + 1)) - set(indices))
+    if missing:
+        raise DataError(
+            f"{root}: training case {case_id} lacks slices {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, so it cannot be rebuilt as a volume; "
+            "carve validation cases whose slices are all present, or set data.val_cases: 0."
+        )
+    pairs = [read_synapse_slice(slices[i]) for i in indices]
+    shapes = {image.shape for image, _ in pairs}
+    if len(shapes) > 1:
+        raise DataError(f"{root}: slices of {case_id} differ in shape {sorted(shapes)}.")
+    names = dict(label_names or SYNAPSE_LABELS_TRANSUNET)
+    case = Case(
+        case_id=case_id,
+        image=np.stack([image for image, _ in pairs]),
+        label=np.stack([label for _, label in pairs]),
+        spacing=tuple(float(s) for s in spacing) if spacing else (1.0, 1.0, 1.0),
+        label_names=names,
+        intensity=ct_window_spec(),
+        source=str(slices[indices[0]].parent),
+    )
+    return case.validate(num_classes if num_classes is not None else _num_classes(names))
 
 
 # --------------------------------------------------------------------------- LA
