@@ -263,6 +263,7 @@ def test_real_ct_roundtrip(tmp_path):
 # DICOM
 # --------------------------------------------------------------------------------------------
 def write_dicom_series(image: sitk.Image, folder: Path, uid: str) -> None:
+    """One CT slice file per k index, with the tags GDCM needs to sort and place them."""
     folder.mkdir(parents=True)
     d = image.GetDirection()
     orientation = "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))

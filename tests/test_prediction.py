@@ -33,6 +33,7 @@ from hsam.prediction import (
     predict_files,
     resolve_device,
 )
+from test_imageio import write_dicom_series
 
 MR_POLICY = "percentile[0.5,99.5]"
 CT_POLICY = "ct_window[-125,275]"
@@ -391,30 +392,6 @@ def test_single_input_to_named_file(tmp_path, mr_checkpoint):
     out = nib.load(str(target))
     np.testing.assert_array_equal(out.affine, nib.load(str(src)).affine)
     assert_box_found(np.asarray(out.dataobj).T, box)
-
-
-def write_dicom_series(image: sitk.Image, folder: Path, uid: str) -> None:
-    """One CT slice file per k index, with the tags GDCM needs to sort and place them."""
-    folder.mkdir(parents=True)
-    d = image.GetDirection()
-    orientation = "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for z in range(image.GetDepth()):
-        sl = image[:, :, z]
-        for tag, value in (
-            ("0008|0060", "CT"),
-            ("0020|000d", uid + ".1"),
-            ("0020|000e", uid + ".2"),
-            ("0008|0018", f"{uid}.3.{z + 1}"),
-            ("0020|0013", str(z + 1)),
-            ("0020|0037", orientation),
-        ):
-            sl.SetMetaData(tag, value)
-        pos = image.TransformIndexToPhysicalPoint((0, 0, z))
-        sl.SetMetaData("0020|0032", "\\".join(f"{v:.4f}" for v in pos))
-        writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
-        writer.Execute(sl)
 
 
 def test_dicom_series_folder(tmp_path, mr_checkpoint):
