@@ -299,6 +299,15 @@ def _mean_sd(values: list[float]) -> str:
     return f"{mean:.2f} ± {statistics.stdev(values):.2f}"
 
 
+def _median_range(values: list[float]) -> str:
+    """Wall-clock times: the median resists a run slowed by other work on the machine."""
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.0f}"
+    return f"{statistics.median(values):.0f} ({min(values):.0f}–{max(values):.0f})"
+
+
 def _paired(table: dict[tuple[int, str], dict[str, Any]], a: str, b: str, seeds: list[int]):
     """Per-seed Dice differences a - b (seeds where both ran)."""
     return [
@@ -351,6 +360,13 @@ def claims(table: dict[tuple[int, str], dict[str, Any]], seeds: list[int]) -> li
     return lines
 
 
+def _evaluation_note(seconds: float, reused: int, runs: int) -> str:
+    if reused == runs:  # this call only checked the stored evaluations' keys
+        return f"test evaluations of all {runs} runs reused from earlier calls"
+    note = f"test evaluation {seconds:.0f} s"
+    return note + (f" ({reused} of {runs} runs' evaluations reused)" if reused else "")
+
+
 def render(
     args: argparse.Namespace,
     protocol: RunConfig,
@@ -387,14 +403,15 @@ def render(
         f"- machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
         f"torch threads, torch {torch.__version__}; encoder prefix cache "
         f"{statistics.fmean(cache_seconds.values()) if cache_seconds else 0:.0f} s per seed "
-        f"(shared by its runs), test evaluation {eval_seconds:.0f} s"
-        + (f" ({reused} of {len(records)} runs' evaluations reused)." if reused else "."),
+        f"(shared by its runs); {_evaluation_note(eval_seconds, reused, len(records))}.",
         "",
-        "Mean ± standard deviation over seeds (the mean alone for a single seed).",
+        "Mean ± standard deviation over seeds (the mean alone for a single seed). Train time: "
+        "wall-clock seconds per run (training and validation, prefix cache excluded); a run "
+        "that shared the CPU with other work shows as the top of the range.",
         "",
         "| Configuration | MA | HPD | CMAttn | Dice (%) | HD95 (vox) | "
         + " | ".join(f"{c} Dice" for c in classes)
-        + " | train time (s) |",
+        + " | train time (s, median (range)) |",
         "|---|---|---|---|---|---|" + "---|" * len(classes) + "---|",
     ]
     for name in names:
@@ -409,7 +426,7 @@ def render(
             _mean_sd([r["dice"] for r in runs]),
             _mean_sd([r["hd95"] for r in runs]),
             *[_mean_sd([r["per_class"][c] for r in runs]) for c in classes],
-            _mean_sd([train_s[(s, name)] for s in seeds if (s, name) in train_s]),
+            _median_range([train_s[(s, name)] for s in seeds if (s, name) in train_s]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [

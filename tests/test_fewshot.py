@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -71,6 +72,17 @@ def test_claims_are_computed_from_paired_seeds(fewshot):
     assert "ma_cmattn -> hsam" in hpd and "not clearly" in hpd  # +0.5 in two seeds, -0.5 in one
     single = fewshot.claims({(0, "samed"): row(80.0), (0, "hsam"): row(82.0)}, [0])
     assert "one seed only (+2.00" in single[0]  # no verdict from a single seed
+
+
+def test_evaluation_note_says_what_was_evaluated(fewshot):
+    assert fewshot._evaluation_note(12.3, 0, 4) == "test evaluation 12 s"
+    assert fewshot._evaluation_note(99.0, 3, 4) == (
+        "test evaluation 99 s (3 of 4 runs' evaluations reused)"
+    )
+    # All reused: the call took no evaluation time worth reporting.
+    assert fewshot._evaluation_note(8.0, 4, 4) == (
+        "test evaluations of all 4 runs reused from earlier calls"
+    )
 
 
 def test_a_full_section_replaces_the_partial_one(tmp_path, fewshot):
@@ -151,6 +163,8 @@ def test_fewshot_end_to_end_on_a_tiny_protocol(tmp_path, fewshot):
     section = text.split("<!-- fewshot:tiny -->", 1)[1].split("<!-- /fewshot:tiny -->", 1)[0]
     assert "SAMed baseline (stage 1 only)" in section and "H-SAM (all components)" in section
     assert "seed 0 | seed 1" in section and "H-SAM better than the SAMed baseline" in section
+    hsam_row = next(line for line in section.splitlines() if line.startswith("| H-SAM"))
+    assert re.search(r"\| \d+ \(\d+–\d+\) \|$", hsam_row)  # train time: median (range)
 
     # Every reported Dice is that of the run's selected checkpoint on the test volumes.
     out = json.loads((tmp_path / "runs" / "results.json").read_text())
@@ -178,7 +192,7 @@ def test_fewshot_end_to_end_on_a_tiny_protocol(tmp_path, fewshot):
     assert (record.stat().st_mtime_ns, evaluation.stat().st_mtime_ns) == before
     text = results.read_text()
     assert text.count("<!-- fewshot:tiny -->") == 1 and "intro kept" in text
-    assert "4 of 4 runs' evaluations reused" in text
+    assert "test evaluations of all 4 runs reused from earlier calls" in text
     again = json.loads((tmp_path / "runs" / "results.json").read_text())["scores"]
     assert again == out["scores"]
 
