@@ -72,6 +72,11 @@ def test_claims_are_computed_from_paired_seeds(fewshot):
     assert "ma_cmattn -> hsam" in hpd and "not clearly" in hpd  # +0.5 in two seeds, -0.5 in one
     single = fewshot.claims({(0, "samed"): row(80.0), (0, "hsam"): row(82.0)}, [0])
     assert "one seed only (+2.00" in single[0]  # no verdict from a single seed
+    two = fewshot.claims({k: v for k, v in table.items() if k[0] < 2}, [0, 1])
+    assert two[0] == (
+        "- H-SAM better than the SAMed baseline: +1.00 Dice points (sd 0.00; better in 2 of 2 "
+        "seeds); too few paired seeds for a verdict."
+    )
 
 
 def test_evaluation_note_says_what_was_evaluated(fewshot):
