@@ -317,7 +317,7 @@ def _paired(table: dict[tuple[int, str], dict[str, Any]], a: str, b: str, seeds:
     ]
 
 
-# Two paired seeds agree by chance one time in four; the issue asks for at least three.
+# Two paired differences are both positive by chance one time in four; protocols run 3 seeds.
 MIN_PAIRS_FOR_VERDICT = 3
 
 
