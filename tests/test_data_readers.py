@@ -179,7 +179,7 @@ def test_synapse_training_case_is_rebuilt_from_its_slices(tmp_path: Path) -> Non
     (train / "case0005_slice002.npz").unlink()
     with pytest.raises(DataError, match=r"case0005 lacks slices \[2\].*data.val_cases: 0"):
         read_dataset("synapse", tmp_path, ["case0005"])
-    with pytest.raises(DataError, match="case0009"):
+    with pytest.raises(DataError, match="case case0009 has neither a test volume"):
         read_dataset("synapse", tmp_path, ["case0009"])
 
 

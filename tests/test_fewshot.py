@@ -18,7 +18,7 @@ from hsam.data import read_dataset
 from hsam.engine.data import prepare_case
 from hsam.inference import predict_volume
 from hsam.metrics import dice
-from test_training import write_nnunet_dataset
+from test_training import ellipsoid_label, write_nnunet_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,10 +105,18 @@ def test_a_full_section_replaces_the_partial_one(tmp_path, fewshot):
     assert text.startswith("# Few-shot results\n\nintro") and "<!-- fewshot:la -->\nla" in text
 
 
-def _tiny_protocol(tmp_path: Path) -> Path:
-    data = write_nnunet_dataset(tmp_path / "data", n_cases=5)
-    (tmp_path / "train.list").write_text("case0\ncase1\ncase2\n")
-    (tmp_path / "test.list").write_text("case3\ncase4\n")
+def _tiny_protocol(tmp_path: Path, data: dict | None = None) -> Path:
+    """Tiny model and schedule; `data` defaults to a 5-case nnU-Net folder (3 train, 2 test)."""
+    if data is None:
+        root = write_nnunet_dataset(tmp_path / "data", n_cases=5)
+        (tmp_path / "train.list").write_text("case0\ncase1\ncase2\n")
+        (tmp_path / "test.list").write_text("case3\ncase4\n")
+        data = {
+            "format": "nnunet",
+            "root": str(root),
+            "train_list": str(tmp_path / "train.list"),
+            "test_list": str(tmp_path / "test.list"),
+        }
     cfg = {
         "model": {
             "backbone": "tiny",
@@ -117,14 +125,7 @@ def _tiny_protocol(tmp_path: Path) -> Path:
             "lora_rank": 2,
             "lora_last_n": 1,
         },
-        "data": {
-            "format": "nnunet",
-            "root": str(data),
-            "train_list": str(tmp_path / "train.list"),
-            "val_cases": 1,
-            "test_list": str(tmp_path / "test.list"),
-            "num_classes": 1,
-        },
+        "data": {**data, "val_cases": 1, "num_classes": 1},
         "train": {
             "epochs": 2,
             "batch_size": 2,
@@ -236,9 +237,7 @@ def test_fewshot_resumes_an_interrupted_run(tmp_path, fewshot):
 
 def _blob_volume(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(D, H, W) CT-windowed image in [0, 1] with a bright ellipsoid labelled 1."""
-    zz, yy, xx = np.mgrid[:6, :40, :40]
-    cy, cx = rng.integers(14, 26, size=2)
-    label = (((yy - cy) / 9.0) ** 2 + ((xx - cx) / 7.0) ** 2 + ((zz - 2.5) / 3.0) ** 2) <= 1
+    label = ellipsoid_label(rng)
     image = np.clip(rng.normal(0.3, 0.05, label.shape) + 0.5 * label, 0, 1)
     return image.astype(np.float32), label.astype(np.uint8)
 
@@ -262,17 +261,13 @@ def test_fewshot_runs_unchanged_on_a_synapse_folder(tmp_path, fewshot):
             f["image"], f["label"] = image, label
     (tmp_path / "train.txt").write_text("\n".join(slice_ids[::2]) + "\n")
     (tmp_path / "test_vol.txt").write_text("case0001\ncase0002\n")
-    protocol = yaml.safe_load(_tiny_protocol(tmp_path).read_text())
-    protocol["data"] = {
+    data = {
         "format": "synapse",
         "root": str(root),
         "train_slices_list": str(tmp_path / "train.txt"),
-        "val_cases": 1,
         "test_list": str(tmp_path / "test_vol.txt"),
-        "num_classes": 1,
     }
-    path = tmp_path / "synapse.yaml"
-    path.write_text(yaml.safe_dump(protocol))
+    path = _tiny_protocol(tmp_path, data)
     results = tmp_path / "results.md"
     argv = [str(path), "--seeds", "0", "--configs", "hsam", "--out", str(tmp_path / "runs")]
     assert fewshot.main([*argv, "--name", "syn", "--results", str(results)]) == 0

@@ -47,15 +47,20 @@ def test_soft_dice_loss_perfect_and_wrong():
     assert soft_dice_loss(-perfect, labels) > 0.9
 
 
+def ellipsoid_label(rng: np.random.Generator) -> np.ndarray:
+    """(6, 40, 40) boolean ellipsoid at a random in-plane centre."""
+    zz, yy, xx = np.mgrid[:6, :40, :40]
+    cy, cx = rng.integers(14, 26, size=2)
+    return (((yy - cy) / 9.0) ** 2 + ((xx - cx) / 7.0) ** 2 + ((zz - 2.5) / 3.0) ** 2) <= 1
+
+
 def write_nnunet_dataset(root: Path, n_cases: int = 3, seed: int = 0) -> Path:
     """Small MR-like volumes with a bright ellipsoid labelled 1."""
     rng = np.random.default_rng(seed)
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
-    zz, yy, xx = np.mgrid[:6, :40, :40]
     for i in range(n_cases):
-        cy, cx = rng.integers(14, 26, size=2)
-        label = (((yy - cy) / 9.0) ** 2 + ((xx - cx) / 7.0) ** 2 + ((zz - 2.5) / 3.0) ** 2) <= 1
+        label = ellipsoid_label(rng)
         image = rng.normal(100, 10, size=label.shape) + 200 * label
         for arr, path in (
             (image.astype(np.float32), root / "imagesTr" / f"case{i}_0000.nii.gz"),

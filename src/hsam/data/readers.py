@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from hsam.data.case import Case
-from hsam.data.slices import parse_slice_id
+from hsam.data.slices import parse_slice_id, synapse_slice_dir
 from hsam.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -414,17 +414,16 @@ def read_synapse(root: str | Path, ids: Iterable[str] | None = None) -> list[Cas
             "spacing": tuple(sp) if sp else None,
         }
         path = vol_dir / f"{cid}.npy.h5"
-        # Training cases of the TransUNet release exist only as 2-D slices.
-        if not path.is_file() and _synapse_training_slices(root, cid):
-            cases.append(read_synapse_training_volume(root, cid, **kwargs))
-        else:
+        if path.is_file():
             cases.append(read_synapse_volume(path, **kwargs))
+        else:  # training cases of the TransUNet release exist only as 2-D slices
+            cases.append(read_synapse_training_volume(root, cid, **kwargs))
     return cases
 
 
 def _synapse_training_slices(root: Path, case_id: str) -> dict[int, Path]:
     """Slice index -> ``train_npz/<case_id>_sliceNNN.npz`` (empty if there is none)."""
-    base = root / "train_npz" if (root / "train_npz").is_dir() else root
+    base = synapse_slice_dir(root)
     found = {}
     for path in base.glob(f"{case_id}_slice*.npz"):
         case, index = parse_slice_id(path.stem)
@@ -451,7 +450,10 @@ def read_synapse_training_volume(
     root = Path(root)
     slices = _synapse_training_slices(root, case_id)
     if not slices:
-        raise DataError(f"{root}: no training slices {case_id}_sliceNNN.npz found.")
+        raise DataError(
+            f"{root}: case {case_id} has neither a test volume ({case_id}.npy.h5) nor training "
+            f"slices ({case_id}_sliceNNN.npz); check the case id and data.root."
+        )
     indices = sorted(slices)
     missing = sorted(set(range(indices[0], indices[-1] + 1)) - set(indices))
     if missing:

@@ -31,6 +31,7 @@ __all__ = [
     "resize_image",
     "resize_label",
     "slice_id",
+    "synapse_slice_dir",
 ]
 
 _SLICE_ID_RE = re.compile(r"^(?P<case>.+?)_slice_?(?P<n>\d+)$")
@@ -41,6 +42,11 @@ AugmentFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 def slice_id(case_id: str, index: int) -> str:
     """Upstream slice naming ``<case>_sliceNNN`` (zero-padded to 3 digits)."""
     return f"{case_id}_slice{index:03d}"
+
+
+def synapse_slice_dir(root: Path) -> Path:
+    """Folder of the TransUNet training slices: ``root/train_npz``, or ``root`` itself."""
+    return root / "train_npz" if (root / "train_npz").is_dir() else root
 
 
 def parse_slice_id(name: str) -> tuple[str, int]:
@@ -216,7 +222,7 @@ class SliceDataset(Dataset):
         if not ids:
             raise DataError("empty slice list; the split names no training slice.")
         if format == "synapse":
-            base = root / "train_npz" if (root / "train_npz").is_dir() else root
+            base = synapse_slice_dir(root)
             paths = [base / f"{i}.npz" for i in ids]
         elif format == "acdc":
             base = root / "data" / "slices" if (root / "data").is_dir() else root
