@@ -38,16 +38,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from hsam.atomic import atomic_write_text
 from hsam.build import build_hsam
 from hsam.checkpoint import load_checkpoint
-from hsam.config import RunConfig, load_run_config
+from hsam.config import RunConfig, dump_yaml, load_run_config, load_yaml, to_dict
 from hsam.data import read_dataset
 from hsam.devices import configure_cpu_allocator
 from hsam.engine.data import build_run_data, prepare_case, read_id_list
 from hsam.engine.prefix_cache import PrefixCache
 from hsam.engine.trainer import run_training
+from hsam.errors import ConfigError, HSAMError
 from hsam.hashing import file_sha256
 from hsam.inference import predict_volume_shared_prefix
 from hsam.metrics import evaluate_case
@@ -116,13 +118,63 @@ def _record_path(out: Path, seed: int, name: str) -> Path:
     return out / f"seed{seed}" / name / "fewshot_run.json"
 
 
+# Read only at evaluation, so a run trained under another value is still the same run.
+_EVALUATION_ONLY = {"data.test_list"}
+
+
+def config_differences(run_dir: Path, cfg: RunConfig) -> list[str]:
+    """Fields where the run kept in `run_dir` was trained with other values than `cfg`.
+
+    Fields `cfg` leaves empty are resolved during training (e.g. the class noise levels) and
+    are not compared. A field the run's config.yaml lacks was added to hsam after the run; it
+    counts as its default, the behaviour from before the field existed."""
+    stored = load_yaml(run_dir / "config.yaml")
+    wanted = yaml_round_trip(to_dict(cfg))
+    defaults = yaml_round_trip(to_dict(RunConfig()))
+    found: list[str] = []
+
+    def walk(want: dict[str, Any], have: Any, default: dict[str, Any], prefix: str) -> None:
+        have = have if isinstance(have, dict) else {}
+        for key, value in want.items():
+            field = prefix + key
+            if isinstance(value, dict):
+                walk(value, have.get(key), default.get(key) or {}, field + ".")
+                continue
+            trained = have.get(key, default.get(key))
+            if value is not None and field not in _EVALUATION_ONLY and value != trained:
+                found.append(f"{field}: {trained!r} in the run, {value!r} now")
+
+    walk(wanted, stored, defaults, "")
+    return found
+
+
+def yaml_round_trip(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` as it reads back from a config.yaml (tuples become lists)."""
+    return yaml.safe_load(dump_yaml(data))
+
+
+def _check_same_config(run_dir: Path, cfg: RunConfig) -> None:
+    """Refuse to reuse or resume a run trained under another protocol."""
+    diffs = config_differences(run_dir, cfg)
+    if diffs:
+        raise ConfigError(
+            f"{run_dir} was trained with another configuration ({'; '.join(diffs)}). "
+            "Use a new --out for the changed protocol, or remove that run folder to retrain it."
+        )
+
+
 def train_seed(
     protocol: RunConfig, seed: int, names: list[str], out: Path
 ) -> tuple[list[dict[str, Any]], float]:
-    """Train every configuration for one seed; returns run records and the cache build time."""
+    """Train every configuration for one seed; returns run records and the cache build time.
+
+    Finished runs are reused and interrupted ones resumed only if they were trained with the
+    same configuration (ConfigError otherwise)."""
     records, pending = [], []
     for name in names:
         path = _record_path(out, seed, name)
+        if (path.parent / "config.yaml").is_file():
+            _check_same_config(path.parent, run_config(protocol, CONFIGURATIONS[name], seed))
         if path.is_file():
             records.append(json.loads(path.read_text()))
             logger.info("seed %d %s: already trained (%s)", seed, name, path.parent)
@@ -152,6 +204,11 @@ def train_seed(
         t = time.time()
         # A run interrupted after an epoch continues from its resume state.
         resume = (run_dir / "checkpoints" / "last.pt").is_file()
+        if not resume and (run_dir / "config.yaml").is_file():
+            raise ConfigError(
+                f"{run_dir} holds a run interrupted before its first epoch ended (no "
+                "checkpoints/last.pt to resume from); remove that folder and call again."
+            )
         result = run_training(cfg, run_dir, cache=cache, resume=resume)
         record = {
             "seed": seed,
@@ -516,7 +573,14 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     configure_cpu_allocator()
+    try:
+        return run(args, parser)
+    except HSAMError as exc:
+        logger.error("%s", exc)
+        return 2
 
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     protocol = load_run_config(args.protocol, args.set)
     test_spec = args.test_list or protocol.data.test_list
     if not test_spec:

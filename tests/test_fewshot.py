@@ -235,6 +235,59 @@ def test_fewshot_resumes_an_interrupted_run(tmp_path, fewshot):
     assert epochs == [0, 1]  # epoch 0 from the first call, epoch 1 resumed
 
 
+def test_fewshot_refuses_runs_trained_under_another_protocol(tmp_path, fewshot, caplog):
+    from hsam.config import dump_yaml, load_run_config, to_dict
+
+    protocol = _tiny_protocol(tmp_path)
+    argv = [
+        str(protocol),
+        "--seeds",
+        "0",
+        "--configs",
+        "samed",
+        "--out",
+        str(tmp_path / "runs"),
+        "--name",
+        "tiny",
+        "--results",
+        str(tmp_path / "r.md"),
+    ]
+    assert fewshot.main(argv) == 0
+    run_dir = tmp_path / "runs" / "seed0" / "samed"
+    kept = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+    # Another schedule is another experiment: refused, with the field named, nothing touched.
+    assert fewshot.main([*argv, "--set", "train.epochs=3"]) == 2
+    assert "train.epochs: 2 in the run, 3 now" in caplog.text and "new --out" in caplog.text
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == kept
+    # The test list is read only at evaluation: the run is still reused.
+    other = tmp_path / "other.list"
+    other.write_text("case4\n")
+    assert fewshot.main([*argv, "--set", f"data.test_list={other}"]) == 0
+
+    # A field the run's config.yaml lacks (added to hsam later) counts as its default.
+    stored = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del stored["train"]["compile"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(stored))
+    cfg = fewshot.run_config(load_run_config(protocol), fewshot.CONFIGURATIONS["samed"], 0)
+    assert fewshot.config_differences(run_dir, cfg) == []
+    compiled = fewshot.run_config(
+        load_run_config(protocol, ["train.compile=true"]), fewshot.CONFIGURATIONS["samed"], 0
+    )
+    assert fewshot.config_differences(run_dir, compiled) == [
+        "train.compile: False in the run, True now"
+    ]
+
+    # A run killed before its first epoch ended has nothing to resume: say what to do.
+    started = tmp_path / "runs" / "seed1" / "samed"
+    started.mkdir(parents=True)
+    seed1 = fewshot.run_config(load_run_config(protocol), fewshot.CONFIGURATIONS["samed"], 1)
+    (started / "config.yaml").write_text(dump_yaml(to_dict(seed1)))
+    caplog.clear()
+    assert fewshot.main([*argv[:2], "1", *argv[3:]]) == 2
+    assert "interrupted before its first epoch ended" in caplog.text
+
+
 def _blob_volume(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(D, H, W) CT-windowed image in [0, 1] with a bright ellipsoid labelled 1."""
     label = ellipsoid_label(rng)
