@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk  # noqa: N813
 
+from hsam.config import load_run_config
 from hsam.data import (
     SliceDataset,
     class_frequencies,
@@ -22,6 +23,7 @@ from hsam.data import (
     standard_split,
 )
 from hsam.data.readers import read_acdc_slice
+from hsam.engine.data import build_run_data
 
 
 def _shared_data() -> Path:
@@ -127,6 +129,34 @@ def test_acdc_training_slices_and_stacked_frames() -> None:
         image, label = read_acdc_slice(files[d])
         np.testing.assert_array_equal(case.image[d], image)
         np.testing.assert_array_equal(case.label[d], label)
+
+
+@pytest.mark.parametrize(
+    ("lines", "patients"),
+    [
+        (68, {"038", "050", "099"}),  # 5%
+        (136, {"021", "038", "049", "050", "058", "099", "100"}),  # 10%
+    ],
+)
+def test_acdc_fraction_recipes_select_the_ssl4mis_patients(lines, patients) -> None:
+    root = _need("acdc")
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "acdc_10pct_litemedsam_cpu.yaml"
+    overrides = [
+        f"data.root={root}",
+        f"data.train_slices_list={root / 'train_slices.list'}",
+        f"data.train_slices={lines}",
+        "data.val_cases=1",
+    ]
+    cfg = load_run_config(recipe, overrides)
+    data = build_run_data(cfg.data, cfg.train, cfg.model.image_size)
+    manifest = data.manifest
+    # The manifest names the volumes (patient and frame) the slices came from; the carved
+    # validation volume is one of those patients' frames, never a test patient.
+    cases = manifest["train_cases"] + manifest["val"]
+    assert {c.split("_")[0].removeprefix("patient") for c in cases} == patients
+    assert len(manifest["train"]) + sum(c.num_slices for c in data.val_cases) == lines
+    assert {s.rsplit("_slice_", 1)[0] for s in manifest["train"]} == set(manifest["train_cases"])
+    assert not set(cases) & set(read_list(root / "val.list"))
 
 
 # --------------------------------------------------------------------------- TotalSegmentator CT

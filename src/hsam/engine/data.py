@@ -133,6 +133,9 @@ def build_run_data(data: DataConfig, train: TrainConfig, image_size: int) -> Run
         if val_ids:
             val_cases = read_dataset(data.format, data.root, val_ids)
         train_list = kept
+        # The volumes behind the slices (ACDC: patientNNN_frameMM), so the manifest names
+        # the patients a slice fraction selected.
+        extra = {"train_cases": train_ids}
     else:
         ids, how, sources = _training_case_ids(data)
         train_ids, val_ids = carve_validation(ids, data.val_cases, data.val_seed)
@@ -152,12 +155,13 @@ def build_run_data(data: DataConfig, train: TrainConfig, image_size: int) -> Run
             seed=train.seed,
         )
         train_list = train_ids
+        extra = {}
     val_cases = (
         [prepare_case(c, policy) for c in val_cases] if data.train_slices_list else val_cases
     )
     freqs = class_frequencies(dataset, data.num_classes)
     manifest = make_manifest(
-        train=train_list, val=val_ids, method=how, seed=data.train_seed, sources=sources
+        train=train_list, val=val_ids, method=how, seed=data.train_seed, sources=sources, **extra
     )
     logger.info(
         "training on %d slices from %d case(s); %d validation volume(s); intensity %s",
