@@ -9,7 +9,8 @@ never on the test list), then all checkpoints are evaluated in 3-D on the test l
 frozen encoder units before the LoRA blocks are computed once per seed for a fixed set of
 augmented views and shared by every configuration of that seed (same math as recomputing), and
 once per test volume for all runs. Each finished run is kept in --out and an interrupted run
-resumes from its last finished epoch, so a second call picks up where the first stopped.
+resumes from its last finished epoch, so a second call picks up where the first stopped
+(only a run trained with the same configuration; otherwise the call stops and names the fields).
 A run's test evaluation is kept beside it (`fewshot_eval.json`, keyed by the checkpoint's
 sha256, the data and the test list) and reused by later calls; delete those files to
 re-evaluate after changing the metrics code.
@@ -38,12 +39,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from hsam.atomic import atomic_write_text
 from hsam.build import build_hsam
 from hsam.checkpoint import load_checkpoint
-from hsam.config import RunConfig, dump_yaml, load_run_config, load_yaml, to_dict
+from hsam.config import RunConfig, config_differences, load_run_config, load_yaml
 from hsam.data import read_dataset
 from hsam.devices import configure_cpu_allocator
 from hsam.engine.data import build_run_data, prepare_case, read_id_list
@@ -118,44 +118,9 @@ def _record_path(out: Path, seed: int, name: str) -> Path:
     return out / f"seed{seed}" / name / "fewshot_run.json"
 
 
-# Read only at evaluation, so a run trained under another value is still the same run.
-_EVALUATION_ONLY = {"data.test_list"}
-
-
-def config_differences(run_dir: Path, cfg: RunConfig) -> list[str]:
-    """Fields where the run kept in `run_dir` was trained with other values than `cfg`.
-
-    Fields `cfg` leaves empty are resolved during training (e.g. the class noise levels) and
-    are not compared. A field the run's config.yaml lacks was added to hsam after the run; it
-    counts as its default, the behaviour from before the field existed."""
-    stored = load_yaml(run_dir / "config.yaml")
-    wanted = yaml_round_trip(to_dict(cfg))
-    defaults = yaml_round_trip(to_dict(RunConfig()))
-    found: list[str] = []
-
-    def walk(want: dict[str, Any], have: Any, default: dict[str, Any], prefix: str) -> None:
-        have = have if isinstance(have, dict) else {}
-        for key, value in want.items():
-            field = prefix + key
-            if isinstance(value, dict):
-                walk(value, have.get(key), default.get(key) or {}, field + ".")
-                continue
-            trained = have.get(key, default.get(key))
-            if value is not None and field not in _EVALUATION_ONLY and value != trained:
-                found.append(f"{field}: {trained!r} in the run, {value!r} now")
-
-    walk(wanted, stored, defaults, "")
-    return found
-
-
-def yaml_round_trip(data: dict[str, Any]) -> dict[str, Any]:
-    """`data` as it reads back from a config.yaml (tuples become lists)."""
-    return yaml.safe_load(dump_yaml(data))
-
-
 def _check_same_config(run_dir: Path, cfg: RunConfig) -> None:
     """Refuse to reuse or resume a run trained under another protocol."""
-    diffs = config_differences(run_dir, cfg)
+    diffs = config_differences(load_yaml(run_dir / "config.yaml"), cfg)
     if diffs:
         raise ConfigError(
             f"{run_dir} was trained with another configuration ({'; '.join(diffs)}). "

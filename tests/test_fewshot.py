@@ -265,19 +265,6 @@ def test_fewshot_refuses_runs_trained_under_another_protocol(tmp_path, fewshot, 
     other.write_text("case4\n")
     assert fewshot.main([*argv, "--set", f"data.test_list={other}"]) == 0
 
-    # A field the run's config.yaml lacks (added to hsam later) counts as its default.
-    stored = yaml.safe_load((run_dir / "config.yaml").read_text())
-    del stored["train"]["compile"]
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(stored))
-    cfg = fewshot.run_config(load_run_config(protocol), fewshot.CONFIGURATIONS["samed"], 0)
-    assert fewshot.config_differences(run_dir, cfg) == []
-    compiled = fewshot.run_config(
-        load_run_config(protocol, ["train.compile=true"]), fewshot.CONFIGURATIONS["samed"], 0
-    )
-    assert fewshot.config_differences(run_dir, compiled) == [
-        "train.compile: False in the run, True now"
-    ]
-
     # A run killed before its first epoch ended has nothing to resume: say what to do.
     started = tmp_path / "runs" / "seed1" / "samed"
     started.mkdir(parents=True)

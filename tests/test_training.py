@@ -185,6 +185,17 @@ def test_resume_reaches_the_same_weights(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_resume_refuses_a_changed_config(tmp_path, caplog):
+    cfg_path = tiny_run_config(tmp_path)
+    out = tmp_path / "part"
+    run_training(load_run_config(cfg_path), out, stop_after=1)
+    kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    argv = ["train", str(cfg_path), "--out", str(out), "--resume"]
+    assert main([*argv, "--set", "train.base_lr=0.5"]) == 2
+    assert "train.base_lr" in caplog.text and "another --out" in caplog.text
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept
+
+
 def test_existing_run_is_refused_and_untouched(tmp_path):
     cfg_path = tiny_run_config(tmp_path, epochs=1)
     out = tmp_path / "run"

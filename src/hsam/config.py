@@ -274,3 +274,35 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> R
             f"({cfg.model.num_classes}) differ; set both to the number of foreground classes."
         )
     return cfg
+
+
+# Fields that do not change what a run trains: where it is evaluated and on which device.
+_NOT_TRAINING = frozenset({"data.test_list", "train.device"})
+
+
+def config_differences(stored: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """Fields where a run's stored config (its config.yaml) differs from `cfg`, each as
+    ``"train.epochs: 4 in the run, 8 now"``.
+
+    Fields `cfg` leaves empty are resolved during training (e.g. the class noise levels) and
+    are not compared, nor are those that do not change what is trained (test list, device).
+    A field `stored` lacks was added to hsam after the run; it counts as its default, the
+    behaviour from before the field existed."""
+    # Through YAML, as config.yaml was written, so tuples compare as lists.
+    wanted = yaml.safe_load(dump_yaml(to_dict(cfg)))
+    defaults = yaml.safe_load(dump_yaml(to_dict(RunConfig())))
+    found: list[str] = []
+
+    def walk(want: dict[str, Any], have: Any, default: dict[str, Any], prefix: str) -> None:
+        have = have if isinstance(have, dict) else {}
+        for key, value in want.items():
+            field = prefix + key
+            if isinstance(value, dict):
+                walk(value, have.get(key), default.get(key) or {}, field + ".")
+                continue
+            trained = have.get(key, default.get(key))
+            if value is not None and field not in _NOT_TRAINING and value != trained:
+                found.append(f"{field}: {trained!r} in the run, {value!r} now")
+
+    walk(wanted, stored, defaults, "")
+    return found

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from hsam.atomic import atomic_write_text
 from hsam.build import BuiltModel, build_hsam
 from hsam.checkpoint import atomic_torch_save, load_trainable_state, save_checkpoint
-from hsam.config import RunConfig, dump_yaml, from_dict, load_yaml, to_dict
+from hsam.config import RunConfig, config_differences, dump_yaml, from_dict, load_yaml, to_dict
 from hsam.data.splits import manifest_sha256, write_manifest
 from hsam.devices import check_compile_supported
 from hsam.engine.data import RunData, build_run_data
@@ -429,7 +429,17 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, *, resume: bool) -> RunConfig
     if resume:
         if not stored.is_file():
             raise CheckpointError(f"{run_dir} is not an hsam run directory (no config.yaml).")
-        return from_dict(RunConfig, load_yaml(stored), f"{stored}")
+        data = load_yaml(stored)
+        # The schedule, data and model are part of the resume state: a changed value would be
+        # silently ignored or break exact resume.
+        diffs = config_differences(data, cfg)
+        if diffs:
+            raise ConfigError(
+                f"--resume continues {run_dir} as it was configured, and the config given now "
+                f"differs ({'; '.join(diffs)}). Drop those changes to resume, or start a new "
+                "run with another --out."
+            )
+        return from_dict(RunConfig, data, f"{stored}")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise OutputExistsError(
             f"{run_dir} already exists and is not empty: pass --resume to continue that run, "
