@@ -132,22 +132,17 @@ def test_acdc_training_slices_and_stacked_frames() -> None:
 
 
 @pytest.mark.parametrize(
-    ("lines", "patients"),
+    ("recipe", "lines", "patients"),
     [
-        (68, {"038", "050", "099"}),  # 5%
-        (136, {"021", "038", "049", "050", "058", "099", "100"}),  # 10%
+        ("acdc_5pct_litemedsam_cpu.yaml", 68, {"038", "050", "099"}),
+        ("acdc_10pct_litemedsam_cpu.yaml", 136, {"021", "038", "049", "050", "058", "099", "100"}),
     ],
 )
-def test_acdc_fraction_recipes_select_the_ssl4mis_patients(lines, patients) -> None:
+def test_acdc_fraction_recipes_select_the_ssl4mis_patients(recipe, lines, patients) -> None:
     root = _need("acdc")
-    recipe = Path(__file__).resolve().parents[1] / "configs" / "acdc_10pct_litemedsam_cpu.yaml"
-    overrides = [
-        f"data.root={root}",
-        f"data.train_slices_list={root / 'train_slices.list'}",
-        f"data.train_slices={lines}",
-        "data.val_cases=1",
-    ]
-    cfg = load_run_config(recipe, overrides)
+    path = Path(__file__).resolve().parents[1] / "configs" / recipe
+    overrides = [f"data.root={root}", f"data.train_slices_list={root / 'train_slices.list'}"]
+    cfg = load_run_config(path, overrides)
     data = build_run_data(cfg.data, cfg.train, cfg.model.image_size)
     manifest = data.manifest
     # The manifest names the volumes (patient and frame) the slices came from; the carved
