@@ -395,9 +395,10 @@ def _validation_note(records: list[dict[str, Any]]) -> str:
         split = Path(record["checkpoint"]).parents[1] / "split.json"
         if split.is_file():
             ids.update(dict.fromkeys(json.loads(split.read_text())["val"]))
-    if not ids:
+    if not any(r["selected_on"] == "validation" for r in records):
         return "no validation volumes"
-    return "validation volumes carved from the training cases: " + ", ".join(f"`{i}`" for i in ids)
+    carved = "validation volumes carved from the training cases"
+    return f"{carved}: {', '.join(f'`{i}`' for i in ids)}" if ids else carved
 
 
 def _evaluation_note(seconds: float, reused: int, runs: int) -> str:
