@@ -72,6 +72,12 @@ def test_claims_are_computed_from_paired_seeds(fewshot):
     assert "ma_cmattn -> hsam" in hpd and "not clearly" in hpd  # +0.5 in two seeds, -0.5 in one
     single = fewshot.claims({(0, "samed"): row(80.0), (0, "hsam"): row(82.0)}, [0])
     assert "one seed only (+2.00" in single[0]  # no verdict from a single seed
+    # H-SAM vs SAMed alone: one line for the components instead of one per component.
+    assert single[1:] == [
+        "- Each component's contribution: not measured (no ablation configuration ran; the "
+        "default --configs runs all of Table 4)."
+    ]
+    assert not any(line.startswith("- Adding MA") for line in lines)  # MA has no pair above
     two = fewshot.claims({k: v for k, v in table.items() if k[0] < 2}, [0, 1])
     assert two[0] == (
         "- H-SAM better than the SAMed baseline: +1.00 Dice points (sd 0.00; better in 2 of 2 "
@@ -212,6 +218,19 @@ def test_fewshot_end_to_end_on_a_tiny_protocol(tmp_path, fewshot):
     assert "evaluations reused" not in results.read_text()
 
 
+def _samed_argv(protocol: Path, tmp_path: Path, seed: int = 0) -> list[str]:
+    """fewshot.py arguments for the SAMed configuration alone, one seed, runs in tmp_path."""
+    options = f"--seeds {seed} --configs samed --name tiny".split()
+    return [
+        str(protocol),
+        *options,
+        "--out",
+        str(tmp_path / "runs"),
+        "--results",
+        str(tmp_path / "r.md"),
+    ]
+
+
 def test_fewshot_resumes_an_interrupted_run(tmp_path, fewshot):
     from hsam.config import load_run_config
 
@@ -219,19 +238,7 @@ def test_fewshot_resumes_an_interrupted_run(tmp_path, fewshot):
     run_dir = tmp_path / "runs" / "seed0" / "samed"
     cfg = fewshot.run_config(load_run_config(protocol), fewshot.CONFIGURATIONS["samed"], 0)
     fewshot.run_training(cfg, run_dir, stop_after=1)  # as if the call was killed after epoch 1
-    argv = [
-        str(protocol),
-        "--seeds",
-        "0",
-        "--configs",
-        "samed",
-        "--out",
-        str(tmp_path / "runs"),
-        "--name",
-        "tiny",
-        "--results",
-        str(tmp_path / "r.md"),
-    ]
+    argv = _samed_argv(protocol, tmp_path)
     assert fewshot.main(argv) == 0
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").open()]
     assert epochs == [0, 1]  # epoch 0 from the first call, epoch 1 resumed
@@ -241,19 +248,7 @@ def test_fewshot_refuses_runs_trained_under_another_protocol(tmp_path, fewshot, 
     from hsam.config import dump_yaml, load_run_config, to_dict
 
     protocol = _tiny_protocol(tmp_path)
-    argv = [
-        str(protocol),
-        "--seeds",
-        "0",
-        "--configs",
-        "samed",
-        "--out",
-        str(tmp_path / "runs"),
-        "--name",
-        "tiny",
-        "--results",
-        str(tmp_path / "r.md"),
-    ]
+    argv = _samed_argv(protocol, tmp_path)
     assert fewshot.main(argv) == 0
     run_dir = tmp_path / "runs" / "seed0" / "samed"
     kept = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
@@ -273,7 +268,7 @@ def test_fewshot_refuses_runs_trained_under_another_protocol(tmp_path, fewshot, 
     seed1 = fewshot.run_config(load_run_config(protocol), fewshot.CONFIGURATIONS["samed"], 1)
     (started / "config.yaml").write_text(dump_yaml(to_dict(seed1)))
     caplog.clear()
-    assert fewshot.main([*argv[:2], "1", *argv[3:]]) == 2
+    assert fewshot.main(_samed_argv(protocol, tmp_path, seed=1)) == 2
     assert "interrupted before its first epoch ended" in caplog.text
 
 
