@@ -395,11 +395,11 @@ def claims(table: dict[tuple[int, str], dict[str, Any]], seeds: list[int]) -> li
     return lines
 
 
-def _validation_note(records: list[dict[str, Any]]) -> str:
+def _validation_note(out: Path, records: list[dict[str, Any]]) -> str:
     """Which volumes, carved from the training cases, selected the checkpoints (split.json)."""
     ids: dict[str, None] = {}
     for record in records:
-        split = Path(record["checkpoint"]).parents[1] / "split.json"
+        split = _record_path(out, record["seed"], record["name"]).with_name("split.json")
         if split.is_file():
             ids.update(dict.fromkeys(json.loads(split.read_text())["val"]))
     if not any(r["selected_on"] == "validation" for r in records):
@@ -446,7 +446,7 @@ def render(
         f"{t.precision}; seeds {', '.join(map(str, seeds))}.",
         f"- test: {len(test_ids)} volumes from `{args.test_list or d.test_list}`, 3-D, "
         "legacy policy (the paper's convention: Dice, HD95 in voxels); checkpoint chosen on "
-        f"{' / '.join(selected)} ({_validation_note(records)}).",
+        f"{' / '.join(selected)} ({_validation_note(Path(args.out), records)}).",
         f"- machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
         f"torch threads, torch {torch.__version__}; encoder prefix cache "
         f"{statistics.fmean(cache_seconds.values()) if cache_seconds else 0:.0f} s per seed "
