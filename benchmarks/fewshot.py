@@ -507,7 +507,7 @@ def update_results(path: Path, name: str, section: str, replaces: tuple[str, ...
     this one supersedes) are removed.
     """
     if path.is_file():
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     else:
         text = (
             "# Few-shot results\n\n"

@@ -1,12 +1,14 @@
 """Augmenter: labels never gain values, reproducibility per seed, image/label alignment,
-documented probabilities."""
+documented probabilities; the optional flip/rot90 and intensity extras (default off)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from hsam.data import Augmenter
+from hsam.config import AugmentConfig, TrainConfig, load_run_config
+from hsam.data import Augmenter, Case, SliceDataset, resize_image, resize_label
+from hsam.engine.data import _augmenter
 from hsam.errors import ConfigError
 
 
@@ -153,3 +155,228 @@ def test_config_errors() -> None:
         Augmenter(0, p_rotate=0.6, p_scale=0.6, mode="one_of")
     with pytest.raises(ConfigError, match="scale_range"):
         Augmenter(0, scale_range=(1.2, 0.8))
+
+
+def _ramp(h: int = 48, w: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """A [0, 1] image with distinct values everywhere and a label derived from it."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    image = ((yy * w + xx) / (h * w - 1)).astype(np.float32)
+    image[:, : w // 3] *= 0.5  # not a pure function of position along one axis
+    return image, (image * 7).astype(np.uint8)
+
+
+_GEOMETRIC = dict(p_rotate=0.7, p_scale=0.7, p_elastic=0.5)
+_EXTRAS_OFF = dict(p_flip_rot90=0.0, p_contrast=0.0, p_gamma=0.0)
+
+
+def test_extras_default_off_and_do_not_change_geometric_draws() -> None:
+    image, lab = _ramp()
+    default = Augmenter(21, **_GEOMETRIC)
+    assert (default.p_flip_rot90, default.p_contrast, default.p_gamma) == (0.0, 0.0, 0.0)
+    explicit = Augmenter(21, **_GEOMETRIC, **_EXTRAS_OFF)
+    # intensity-only extras draw after the geometric ones: for the same per-sample generator
+    # (as SliceDataset passes) the geometry is unchanged
+    intensity = Augmenter(21, **_GEOMETRIC, p_contrast=1.0, p_gamma=1.0)
+    for i in range(20):
+        i0, l0 = default(image, lab, rng=np.random.default_rng([21, i]))
+        ops = default.last_applied
+        i1, l1 = explicit(image, lab, rng=np.random.default_rng([21, i]))
+        i2, l2 = intensity(image, lab, rng=np.random.default_rng([21, i]))
+        np.testing.assert_array_equal(i0, i1)
+        np.testing.assert_array_equal(l0, l1)
+        np.testing.assert_array_equal(l0, l2)
+        assert set(ops) <= {"rotate", "scale", "elastic"}
+        assert intensity.last_applied == ops + ("contrast", "gamma")
+    # the paper config (no geometric op drawn either) is an exact copy
+    ident = Augmenter(0, p_rotate=0, p_scale=0, p_elastic=0)
+    out_img, out_lab = ident(image, lab)
+    np.testing.assert_array_equal(out_img, image)
+    np.testing.assert_array_equal(out_lab, lab)
+
+
+@pytest.mark.parametrize(
+    "kw, op",
+    [
+        (dict(p_gamma=1.0, gamma_range=(0.5, 2.0)), "gamma"),
+        (
+            dict(p_contrast=1.0, contrast_range=(0.65, 1.5), brightness_range=(-0.15, 0.15)),
+            "contrast",
+        ),
+    ],
+)
+def test_intensity_ops_change_image_keep_range_and_label(kw: dict, op: str) -> None:
+    image, lab = _ramp()
+    aug = Augmenter(5, p_rotate=0, p_scale=0, p_elastic=0, **kw)
+    changed = 0
+    for _ in range(20):
+        out_img, out_lab = aug(image, lab)
+        assert aug.last_applied == (op,)
+        assert out_img.dtype == np.float32 and out_img.shape == image.shape
+        assert out_img.min() >= 0.0 and out_img.max() <= 1.0
+        np.testing.assert_array_equal(out_lab, lab)
+        changed += int(np.abs(out_img - image).max() > 1e-3)
+    assert changed >= 18
+    # reproducible for a per-sample generator
+    a = aug(image, lab, rng=np.random.default_rng(9))[0]
+    b = Augmenter(77, p_rotate=0, p_scale=0, p_elastic=0, **kw)(
+        image, lab, rng=np.random.default_rng(9)
+    )[0]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_gamma_is_a_monotone_power_in_range() -> None:
+    image, lab = _ramp()
+    image[0, 0] = -0.01  # cubic overshoot below 0 must not give NaN
+    aug = Augmenter(3, p_rotate=0, p_scale=0, p_elastic=0, p_gamma=1.0, gamma_range=(0.5, 2.0))
+    gammas = []
+    inner = (image > 0.05) & (image < 0.95)
+    for _ in range(200):
+        out, _ = aug(image, lab)
+        assert np.isfinite(out).all() and out.min() >= 0.0 and out.max() <= 1.0
+        g = np.log(out[inner]) / np.log(image[inner])
+        assert np.ptp(g) < 1e-3  # one exponent for the whole slice
+        gammas.append(float(g.mean()))
+    assert 0.5 - 1e-3 <= min(gammas) < 0.6 and 1.8 < max(gammas) <= 2.0 + 1e-3
+    # log-uniform: about half the draws brighten (g < 1), half darken
+    assert 0.4 < np.mean(np.array(gammas) < 1.0) < 0.6
+    fixed = Augmenter(0, p_rotate=0, p_scale=0, p_elastic=0, p_gamma=1.0, gamma_range=(2, 2))
+    np.testing.assert_allclose(fixed(image, lab)[0][inner], image[inner] ** 2, rtol=1e-5)
+
+
+def test_contrast_brightness_formula() -> None:
+    image, lab = _ramp()
+    aug = Augmenter(
+        0,
+        p_rotate=0,
+        p_scale=0,
+        p_elastic=0,
+        p_contrast=1.0,
+        contrast_range=(0.5, 0.5),
+        brightness_range=(0.1, 0.1),
+    )
+    out, _ = aug(image, lab)
+    m = image.mean()
+    np.testing.assert_allclose(out, np.clip(0.5 * (image - m) + m + 0.1, 0, 1), atol=1e-6)
+    assert out.std() < image.std()
+
+
+def test_intensity_ops_follow_geometric_ones() -> None:
+    image, lab = _ramp()
+    kw = dict(p_rotate=1.0, p_scale=0.0, p_elastic=0.0, max_angle=30.0)
+    geo = Augmenter(4, **kw)
+    both = Augmenter(4, **kw, p_gamma=1.0, gamma_range=(2.0, 2.0))
+    g_img, g_lab = geo(image, lab)
+    b_img, b_lab = both(image, lab)
+    assert both.last_applied == ("rotate", "gamma")
+    np.testing.assert_array_equal(g_lab, b_lab)
+    # gamma of the rotated image (whose padding is the slice min, 0) stays in [0, 1]
+    np.testing.assert_allclose(b_img, np.clip(g_img, 0, 1) ** 2, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(48, 40), (32, 32)])
+def test_flip_rot90_moves_image_and_label_together(shape: tuple[int, int]) -> None:
+    image, lab = _ramp(*shape)
+    aug = Augmenter(1, p_rotate=0, p_scale=0, p_elastic=0, p_flip_rot90=1.0)
+    seen = set()
+    for _ in range(60):
+        out_img, out_lab = aug(image, lab)
+        assert aug.last_applied == ("flip_rot90",)
+        assert out_lab.dtype == lab.dtype and out_img.dtype == np.float32
+        assert out_img.shape in (shape, shape[::-1]) and out_lab.shape == out_img.shape
+        # the label is still the same function of the image: moved together, no resampling
+        np.testing.assert_array_equal(out_lab, (out_img * 7).astype(np.uint8))
+        np.testing.assert_array_equal(np.sort(out_img, None), np.sort(image, None))
+        seen.add(out_img.tobytes())
+        # SSL4MIS always flips after the rot90, so the result is one of the 4 mirror images
+        assert not any(np.array_equal(out_img, np.rot90(image, k)) for k in range(4))
+    assert len(seen) == 4
+    with_geo = Augmenter(1, p_rotate=1.0, p_scale=0, p_elastic=0, p_flip_rot90=1.0)
+    with_geo(image, lab)
+    assert with_geo.last_applied == ("rotate", "flip_rot90")
+
+
+def test_flip_rot90_of_non_square_slices_is_resized_by_the_dataset() -> None:
+    image, _ = _ramp(20, 30)
+    lab = (image > 0.6).astype(np.uint8)
+    case = Case("c", np.stack([image] * 3), np.stack([lab] * 3), label_names={0: "bg", 1: "x"})
+    aug = Augmenter(0, p_rotate=0, p_scale=0, p_elastic=0, p_flip_rot90=1.0)
+    ds = SliceDataset([case], 24, augment=aug, seed=3, image_order=1)
+    shapes = []
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            item = ds[i]
+            assert item["image"].shape == (1, 24, 24) and item["label"].shape == (24, 24)
+            # the dataset resized exactly what the augmenter returned for this sample
+            out_img, out_lab = aug(image, lab, rng=np.random.default_rng([3, epoch, i]))
+            shapes.append(out_img.shape)
+            np.testing.assert_array_equal(item["label"].numpy(), resize_label(out_lab, 24))
+            np.testing.assert_array_equal(item["image"][0].numpy(), resize_image(out_img, 24, 1))
+    assert {(20, 30), (30, 20)} <= set(shapes)  # odd k swapped height and width
+
+
+def test_extras_probabilities() -> None:
+    img = np.full((8, 8), 0.5, np.float32)
+    aug = Augmenter(
+        2, p_rotate=0, p_scale=0, p_elastic=0, p_flip_rot90=0.5, p_contrast=0.3, p_gamma=0.8
+    )
+    counts = {"flip_rot90": 0, "contrast": 0, "gamma": 0}
+    n = 1000
+    for _ in range(n):
+        aug(img)
+        for op in aug.last_applied:
+            counts[op] += 1
+    assert abs(counts["flip_rot90"] / n - 0.5) < 0.05
+    assert abs(counts["contrast"] / n - 0.3) < 0.05
+    assert abs(counts["gamma"] / n - 0.8) < 0.05
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(p_gamma=1.2), "p_gamma"),
+        (dict(p_contrast=-0.1), "p_contrast"),
+        (dict(p_flip_rot90=2.0), "p_flip_rot90"),
+        (dict(gamma_range=(0.0, 2.0)), "gamma_range"),
+        (dict(gamma_range=(2.0, 0.5)), "gamma_range.*low <= high"),
+        (dict(gamma_range=(0.5, 1.0, 2.0)), "gamma_range.*two numbers"),
+        (dict(contrast_range=(-0.5, 1.5)), "contrast_range"),
+        (dict(brightness_range=(0.2, -0.2)), "brightness_range"),
+        (dict(brightness_range=(-1.5, 0.2)), "brightness_range.*\\[-1, 1\\]"),
+    ],
+)
+def test_extras_config_errors(kw: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        Augmenter(0, **kw)
+    cfg_kw = {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}
+    with pytest.raises(ConfigError, match="train.augment." + match):
+        AugmentConfig(**cfg_kw)
+
+
+def test_run_config_validates_and_wires_the_extras() -> None:
+    with pytest.raises(ConfigError, match="train.augment.p_gamma"):
+        load_run_config(None, ["train.augment.p_gamma=1.5"])
+    with pytest.raises(ConfigError, match="train.augment.gamma_range"):
+        load_run_config(None, ["train.augment.gamma_range=[2.0, 0.5]"])
+    with pytest.raises(ConfigError, match="train.augment.scale_range"):
+        load_run_config(None, ["train.augment.scale_range=[0, 1.2]"])
+    defaults = _augmenter(TrainConfig())
+    assert defaults is not None
+    assert (defaults.p_flip_rot90, defaults.p_contrast, defaults.p_gamma) == (0.0, 0.0, 0.0)
+    cfg = load_run_config(
+        None,
+        [
+            "train.augment.p_gamma=0.3",
+            "train.augment.gamma_range=[0.4, 3]",
+            "train.augment.p_contrast=0.2",
+            "train.augment.contrast_range=[0.5, 1.2]",
+            "train.augment.brightness_range=[-0.3, 0.1]",
+            "train.augment.p_flip_rot90=0.5",
+            "model.num_classes=1",
+        ],
+    )
+    aug = _augmenter(cfg.train)
+    assert aug is not None
+    assert aug.p_gamma == 0.3 and aug.gamma_range == (0.4, 3.0)
+    assert aug.p_contrast == 0.2 and aug.contrast_range == (0.5, 1.2)
+    assert aug.brightness_range == (-0.3, 0.1) and aug.p_flip_rot90 == 0.5

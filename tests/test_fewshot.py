@@ -105,7 +105,7 @@ def test_a_full_section_replaces_the_partial_one(tmp_path, fewshot):
     )
     full = "<!-- fewshot:acdc -->\n3 seeds, 8 configs\n<!-- /fewshot:acdc -->\n"
     fewshot.update_results(results, "acdc", full, replaces=("acdc_partial", "absent"))
-    text = results.read_text()
+    text = results.read_text(encoding="utf-8")
     assert "2 seeds" not in text and "fewshot:acdc_partial" not in text
     assert text.count("3 seeds, 8 configs") == 1 and "3 seeds, 2 configs" not in text
     assert text.startswith("# Few-shot results\n\nintro") and "<!-- fewshot:la -->\nla" in text
@@ -170,7 +170,7 @@ def test_fewshot_end_to_end_on_a_tiny_protocol(tmp_path, fewshot):
     ]
     assert fewshot.main(argv) == 0
 
-    text = results.read_text()
+    text = results.read_text(encoding="utf-8")
     assert "intro kept" in text and "<!-- fewshot:other -->\nother" in text
     section = text.split("<!-- fewshot:tiny -->", 1)[1].split("<!-- /fewshot:tiny -->", 1)[0]
     assert "SAMed baseline (stage 1 only)" in section and "H-SAM (all components)" in section
@@ -204,7 +204,7 @@ def test_fewshot_end_to_end_on_a_tiny_protocol(tmp_path, fewshot):
     before = record.stat().st_mtime_ns, evaluation.stat().st_mtime_ns
     assert fewshot.main(argv) == 0
     assert (record.stat().st_mtime_ns, evaluation.stat().st_mtime_ns) == before
-    text = results.read_text()
+    text = results.read_text(encoding="utf-8")
     assert text.count("<!-- fewshot:tiny -->") == 1 and "intro kept" in text
     assert "test evaluations of all 4 runs reused from earlier calls" in text
     again = json.loads((tmp_path / "runs" / "results.json").read_text())["scores"]
@@ -215,7 +215,7 @@ def test_fewshot_end_to_end_on_a_tiny_protocol(tmp_path, fewshot):
     one.write_text("case3\n")
     assert fewshot.main([*argv, "--test-list", str(one)]) == 0
     assert json.loads(evaluation.read_text())["key"]["test_ids"] == ["case3"]
-    assert "evaluations reused" not in results.read_text()
+    assert "evaluations reused" not in results.read_text(encoding="utf-8")
 
 
 def _samed_argv(protocol: Path, tmp_path: Path, seed: int = 0) -> list[str]:
@@ -314,4 +314,4 @@ def test_fewshot_runs_unchanged_on_a_synapse_folder(tmp_path, fewshot):
     split = json.loads((tmp_path / "runs" / "seed0" / "hsam" / "split.json").read_text())
     assert len(split["val"]) == 1 and split["val"][0] in {"case0005", "case0006", "case0007"}
     assert not any(s.startswith(split["val"][0]) for s in split["train"])
-    assert "2 volumes from" in results.read_text()
+    assert "2 volumes from" in results.read_text(encoding="utf-8")

@@ -19,7 +19,7 @@ from hsam.cli import main
 from hsam.config import load_run_config
 from hsam.engine.trainer import run_training
 from hsam.errors import ConfigError, DataError, OutputExistsError
-from hsam.losses import learning_rate, soft_dice_loss, stage1_weight
+from hsam.losses import learning_rate, schedule_epoch, soft_dice_loss, stage1_weight
 
 
 def test_stage_weight_schedule_pinned():
@@ -438,3 +438,58 @@ def test_compile_without_a_cxx_compiler_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="C\\+\\+ compiler"):
         run_training(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_schedule_epoch_maps_the_run_onto_the_horizon():
+    assert schedule_epoch(0, 100, 300) == 0.0
+    assert schedule_epoch(99, 100, 300) == pytest.approx(299.0)
+    assert schedule_epoch(50, 101, 300) == pytest.approx(149.5)
+    assert schedule_epoch(5, 1, 300) == pytest.approx(299.0)  # one-step run: clamps
+    with pytest.raises(ValueError):
+        schedule_epoch(0, 10, 0)
+
+
+def test_stage_weight_horizon_runs_the_whole_curve_in_a_short_run(tmp_path):
+    cfg_path = tiny_run_config(tmp_path, epochs=3, val_every=5)
+    plain = run_training(load_run_config(cfg_path), tmp_path / "plain")
+    over_run = run_training(
+        load_run_config(cfg_path, ["train.stage_weight_horizon=300"]), tmp_path / "over_run"
+    )
+
+    def weights(run):
+        lines = (run.run_dir / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["stage1_weight"] for line in lines]
+
+    # per epoch: 3 epochs stay near the start (0.40, 0.397, 0.394)
+    assert weights(plain) == pytest.approx([stage1_weight(e) for e in range(3)])
+    # over the run: the last step uses the schedule's final weight (epoch 299: 0.025)
+    assert weights(over_run)[-1] == pytest.approx(stage1_weight(299), abs=1e-9)
+    assert weights(over_run)[0] < 0.40
+
+
+def test_decoder_only_freezes_the_whole_encoder_and_caches_its_embedding(tiny_cfg, tmp_path):
+    import dataclasses
+
+    from hsam.build import build_hsam
+
+    model = build_hsam(dataclasses.replace(tiny_cfg, lora_last_n=0), seed=2).model.eval()
+    k = model.first_trainable_unit
+    assert k == len(model.image_encoder.units())
+    assert not any(p.requires_grad for p in model.image_encoder.parameters())
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        embedding = model.encode_prefix(x, k)
+        assert torch.equal(embedding, model.encode(x))  # the cache holds the final embedding
+        full = model(x)
+        cached = model(embedding, start_unit=k)
+    assert torch.equal(full.probabilities, cached.probabilities)
+    cfg_path = tiny_run_config(tmp_path, epochs=1, cache_encoder_prefix=True, augmented_views=1)
+    result = run_training(load_run_config(cfg_path, ["model.lora_last_n=0"]), tmp_path / "run")
+    assert set(_trainable(result.final_checkpoint)) == {
+        n
+        for n, p in build_hsam(
+            dataclasses.replace(tiny_cfg, lora_last_n=0, num_classes=1)
+        ).model.named_parameters()
+        if p.requires_grad
+    }

@@ -146,10 +146,10 @@ def build_hsam_network(cfg: ModelConfig) -> HSAM:
 def lora_unit_range(model: HSAM, cfg: ModelConfig) -> list[tuple[int, nn.Module]]:
     targets = model.image_encoder.lora_targets()
     n = len(targets) if cfg.lora_last_n is None else cfg.lora_last_n
-    if not 1 <= n <= len(targets):
+    if not 0 <= n <= len(targets):
         raise ConfigError(
             f"model.lora_last_n={cfg.lora_last_n}, but {cfg.backbone} has {len(targets)} "
-            "attention blocks."
+            "attention blocks (0 = no LoRA: the whole encoder frozen)."
         )
     return targets[len(targets) - n :]
 
@@ -166,8 +166,9 @@ def apply_lora_and_freeze(model: HSAM, cfg: ModelConfig) -> None:
     )
     model.prompt_encoder.requires_grad_(False)
     model.prompt_encoder.no_mask_embed.requires_grad_(True)
-    # Frozen units before the first adapted block can be computed once and cached.
-    model.first_trainable_unit = targets[0][0]
+    # Frozen units before the first adapted block can be computed once and cached; without
+    # LoRA (decoder-only) that is every unit, and the cache holds the final embedding.
+    model.first_trainable_unit = targets[0][0] if targets else len(model.image_encoder.units())
 
 
 @dataclass

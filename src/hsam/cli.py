@@ -11,6 +11,7 @@ from pathlib import Path
 from hsam.config import ModelConfig
 from hsam.devices import configure_cpu_allocator
 from hsam.errors import HSAMError
+from hsam.volume_check import DEFAULT_FACTOR
 
 logger = logging.getLogger("hsam")
 
@@ -100,6 +101,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         backbone_weights=args.backbone_weights,
         format=args.format,
         save_predictions=args.save_predictions,
+        volume_factor=args.volume_factor,
     )
     mean = summary["policies"]["legacy"]["mean"]
     logger.info(
@@ -127,6 +129,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         overlay=args.overlay,
         overwrite=args.overwrite,
         backbone_weights=args.backbone_weights,
+        volume_factor=args.volume_factor,
     )
     logger.info("wrote %d file(s) under %s", len(written), args.output)
     return 0
@@ -147,6 +150,14 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
         "--backbone-weights", help="SAM checkpoint file if it moved since training (sha256 checked)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument(
+        "--volume-factor",
+        type=float,
+        default=DEFAULT_FACTOR,
+        help="warn when a predicted structure's volume fraction is this many times below the "
+        "smallest or above the largest seen in training (checkpoint meta); 0 turns it off "
+        f"(default {DEFAULT_FACTOR:g})",
+    )
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -42,7 +42,8 @@ class ModelConfig:
     lora_rank: int = 4
     # LoRA scaling alpha / rank; None = no scaling (paper and released code).
     lora_alpha: float | None = None
-    # Adapt only the last N attention blocks; None = every block (paper).
+    # Adapt only the last N attention blocks; None = every block (paper); 0 = no LoRA, the
+    # whole encoder frozen and only the decoders trained (its final embedding is cacheable).
     lora_last_n: int | None = None
     # 2 = H-SAM; 1 = SAMed baseline (LoRA + SAM decoder only).
     stages: int = 2
@@ -211,12 +212,58 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
+    """Training augmentation (hsam.data.Augmenter). Paper: rotation, scale and elastic only;
+    the flip/rot90 and intensity options default to off. Images are in [0, 1] here."""
+
     p_rotate: float = 0.5
     max_angle: float = 20.0
     p_scale: float = 0.5
     scale_range: list[float] = dataclasses.field(default_factory=lambda: [0.85, 1.25])
     p_elastic: float = 0.2
     enabled: bool = True
+    # Probability of rot90 by k in {0..3} plus a flip along a random axis, image and label
+    # together (SSL4MIS ACDC random_rot_flip; paper: none).
+    p_flip_rot90: float = 0.0
+    # Probability of x -> clip(a (x - mean) + mean + b, 0, 1) (nnU-Net contrast/brightness).
+    p_contrast: float = 0.0
+    # Contrast factor a, uniform in [low, high], low > 0 (nnU-Net: [0.75, 1.25]).
+    contrast_range: list[float] = dataclasses.field(default_factory=lambda: [0.65, 1.5])
+    # Additive brightness b, uniform in [low, high] within [-1, 1], applied with contrast
+    # (batchgenerators' additive brightness; nnU-Net v2 scales brightness by [0.75, 1.25]).
+    brightness_range: list[float] = dataclasses.field(default_factory=lambda: [-0.15, 0.15])
+    # Probability of x -> x ** g on [0, 1] images (nnU-Net gamma).
+    p_gamma: float = 0.0
+    # Gamma g, log-uniform in [low, high], 0 < low (nnU-Net: [0.7, 1.5]); g > 1 darkens.
+    gamma_range: list[float] = dataclasses.field(default_factory=lambda: [0.5, 2.0])
+
+    def __post_init__(self) -> None:
+        where = "train.augment"
+        for name in ("p_rotate", "p_scale", "p_elastic", "p_flip_rot90", "p_contrast", "p_gamma"):
+            p = getattr(self, name)
+            if not 0.0 <= p <= 1.0:
+                raise ConfigError(f"{where}.{name}={p} must be a probability in [0, 1].")
+        if self.max_angle < 0:
+            raise ConfigError(f"{where}.max_angle={self.max_angle} must be >= 0 degrees.")
+        for name, positive in (
+            ("scale_range", True),
+            ("contrast_range", True),
+            ("brightness_range", False),
+            ("gamma_range", True),
+        ):
+            pair = list(getattr(self, name))
+            if len(pair) != 2:
+                raise ConfigError(f"{where}.{name}={pair} must be two numbers [low, high].")
+            lo, hi = pair
+            if not lo <= hi:
+                raise ConfigError(f"{where}.{name}={pair} must have low <= high.")
+            if positive and lo <= 0:
+                raise ConfigError(f"{where}.{name}={pair} must be > 0.")
+        lo, hi = self.brightness_range
+        if lo < -1.0 or hi > 1.0:
+            raise ConfigError(
+                f"{where}.brightness_range={list(self.brightness_range)} must lie in [-1, 1] "
+                "(images are in [0, 1])."
+            )
 
 
 @dataclass
@@ -234,6 +281,10 @@ class TrainConfig:
     dice_weight: float = 0.9
     # supplement: 1 - 0.6 ** (0.99 ** e) (released code); main_text: 0.8 exp(-0.005 e).
     stage_weight_schedule: Literal["supplement", "main_text"] = "supplement"
+    # None = the schedule per absolute epoch (paper: set for 250-300 epochs). N = the run's
+    # progress mapped onto N schedule epochs, per optimiser step, so a short run goes through
+    # the whole curve (a 4-epoch run otherwise never leaves the start weight 0.40) [ours].
+    stage_weight_horizon: int | None = None
     precision: Literal["fp32", "bf16"] = "fp32"
     device: str = "auto"
     seed: int = 2345

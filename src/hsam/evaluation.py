@@ -11,6 +11,12 @@ metrics, both policies, bootstrap CIs) and ``table.md`` (shaped like H-SAM's Tab
 policy, versions) and, with ``save_predictions``, ``predictions/<case>.nii.gz`` label maps on the
 case's ``(D, H, W)`` grid with its spacing (and origin/direction where the reader knows them).
 
+Predicted-size check (:mod:`hsam.volume_check`): where the checkpoint records each class's range
+of volume fractions over its training cases, a predicted class far outside it is logged as a
+WARNING naming the case, and recorded in the ``volume_warning`` column of ``per_case.csv``, the
+``volume_warnings`` list of ``summary.json`` (and a section of ``table.md``), and per case in
+``evaluation.json`` (``cases[i].volume_warnings``; the range and factor under ``volume_check``).
+
 Data selection (``data`` argument):
 
 * ``None``: the checkpoint's own ``config["data"]`` (the run it was trained with);
@@ -58,10 +64,13 @@ from hsam.prediction import (
     InferenceModel,
     check_batch_size,
     check_precision,
+    check_volume_factor,
     load_inference_model,
+    log_volume_check,
     normalize_stage,
 )
 from hsam.reports import case_rows, write_reports
+from hsam.volume_check import DEFAULT_FACTOR
 
 logger = logging.getLogger(__name__)
 
@@ -277,6 +286,7 @@ def evaluate_checkpoint(
     run_name: str | None = None,
     intensity_policy: str | None = None,
     progress: bool = True,
+    volume_factor: float | None = DEFAULT_FACTOR,
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on a labelled split and write the reports into ``out_dir``.
 
@@ -298,6 +308,9 @@ def evaluate_checkpoint(
         run_name: the "Method" of the Markdown table (default: the checkpoint's file stem).
         intensity_policy: override of the checkpoint's intensity preprocessing.
         progress: progress bar over cases (on a terminal).
+        volume_factor: predicted-size check (module doc): flag a class whose volume fraction
+            is below ``min / factor`` or above ``max * factor`` of the checkpoint's training
+            range; None or 0 turns it off. Checkpoints without the range are not checked.
 
     Returns:
         The summary written to ``summary.json`` (:func:`hsam.reports.summarize`'s format).
@@ -310,6 +323,7 @@ def evaluate_checkpoint(
     stage = normalize_stage(stage)
     prec = check_precision(precision)
     batch_size = check_batch_size(batch_size)
+    volume_factor = check_volume_factor(volume_factor)
     out = Path(out_dir)
     report_paths = [out / name for name in (*REPORT_FILES, INFO_FILE)]
     if not overwrite:
@@ -356,12 +370,14 @@ def evaluate_checkpoint(
         model.device,
         model.intensity_policy,
     )
+    log_volume_check(model, volume_factor)
 
     out_existed = out.exists()
     staging: Path | None = None
     try:
         rows: list[dict[str, Any]] = []
         per_case: list[dict[str, Any]] = []
+        flagged: list[tuple[str, str]] = []
         start = time.perf_counter()
         bar = tqdm(ids, desc="evaluate", unit="case", disable=None if progress else True)
         for cid in bar:
@@ -374,7 +390,17 @@ def evaluate_checkpoint(
             result = evaluate_case(
                 labels, case.label, model.num_classes, case.spacing, nsd_tolerance_mm
             )
-            rows += case_rows(case.case_id, result, _class_names(case, model))
+            names = _class_names(case, model)
+            found = model.check_volumes(
+                labels, f"case {case.case_id}", factor=volume_factor, label_names=names
+            )
+            flagged += [(case.case_id, w.class_name) for w in found]
+            rows += case_rows(
+                case.case_id,
+                result,
+                names,
+                volume_warnings={w.class_index: w.detail for w in found},
+            )
             if save_predictions:
                 if staging is None:  # created lazily: a failure on the first case leaves no trace
                     out.mkdir(parents=True, exist_ok=True)
@@ -383,7 +409,12 @@ def evaluate_checkpoint(
             seconds = time.perf_counter() - t0
             dice = [c["legacy"]["dice"] for c in result["classes"]]
             per_case.append(
-                {"case": case.case_id, "shape": list(case.shape), "seconds": round(seconds, 3)}
+                {
+                    "case": case.case_id,
+                    "shape": list(case.shape),
+                    "seconds": round(seconds, 3),
+                    "volume_warnings": [w.to_dict() for w in found],
+                }
             )
             logger.info("%s: legacy Dice %s (%.1f s)", cid, [round(d, 4) for d in dice], seconds)
             bar.set_postfix(dice=f"{float(np.mean(dice)):.3f}")
@@ -416,6 +447,14 @@ def evaluate_checkpoint(
             if isinstance(nsd_tolerance_mm, (int, float))
             else list(nsd_tolerance_mm),
             "seconds": round(total, 3),
+            "volume_check": {
+                "factor": volume_factor,
+                "class_volume_fraction_range": None
+                if model.volume_ranges is None
+                else {str(c): [lo, hi] for c, (lo, hi) in model.volume_ranges.items()},
+                "checked": volume_factor is not None and model.volume_ranges is not None,
+                "n_warnings": len(flagged),
+            },
         }
         name = run_name or Path(checkpoint).stem
         if not overwrite:  # again: time has passed since the first check
@@ -442,4 +481,13 @@ def evaluate_checkpoint(
         summary["policies"]["legacy"]["mean"]["dice"]["mean"],
         out,
     )
+    if flagged:  # repeated after the progress bar, so it is not lost among the case lines
+        logger.warning(
+            "%d of %d case(s) have a predicted structure far outside the training size range "
+            "(check these segmentations; volume_warning column of %s): %s",
+            len({k for k, _ in flagged}),
+            len(ids),
+            out / "per_case.csv",
+            ", ".join(f"{k} ({c})" for k, c in flagged),
+        )
     return summary

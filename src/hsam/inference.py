@@ -53,12 +53,18 @@ def _slice_batches(
         yield slice(start, start + len(chunk)), x
 
 
-def _labels_back(probs: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
-    """(b, T, S, S) probabilities -> (b, H, W) argmax labels, resized with nearest neighbour."""
-    pred = probs.argmax(1, keepdim=True).float()
-    if tuple(pred.shape[-2:]) != shape:
-        pred = F.interpolate(pred, size=shape, mode="nearest")
-    return pred[:, 0].to(torch.int64).cpu().numpy()
+def probabilities_to_grid(probs: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """(b, T, S, S) -> (b, T, H, W) probabilities on the slice grid (bilinear, pixel-centred)."""
+    if tuple(probs.shape[-2:]) == tuple(shape):
+        return probs
+    return F.interpolate(probs, size=shape, mode="bilinear", align_corners=False)
+
+
+def labels_from_probabilities(probs: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
+    """(b, T, S, S) probabilities -> (b, H, W) labels: the argmax of the probabilities resized
+    to the slice grid, so labels always equal the argmax of any probabilities written (a
+    resized argmax would be off-centre and coarser)."""
+    return probabilities_to_grid(probs, shape).argmax(1).cpu().numpy()
 
 
 def _label_dtype(num_classes: int) -> type:
@@ -78,8 +84,8 @@ def predict_volume(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Segment a (D, H, W) volume in [0, 1] slice by slice (every slice, empty ones too).
 
-    Slices are resized (bilinear) to the model's S, predicted in batches, and the label map is
-    resized back with nearest neighbour to (H, W).
+    Slices are resized (bilinear) to the model's S and predicted in batches; the class
+    probabilities are resized back (bilinear) to (H, W) and the labels are their argmax.
 
     Returns:
       labels (D, H, W) uint8 (uint16 above 256 classes), and (T, D, H, W) float32
@@ -96,11 +102,9 @@ def predict_volume(
     for index, x in batches:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = model(x)
-        probs = stage_probabilities(out, stage).float()
-        labels[index] = _labels_back(probs, (h, w))
+        probs = probabilities_to_grid(stage_probabilities(out, stage).float(), (h, w))
+        labels[index] = probs.argmax(1).cpu().numpy()
         if probs_out is not None:
-            if (h, w) != tuple(probs.shape[-2:]):
-                probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
             probs_out[:, index] = probs.transpose(0, 1).cpu().numpy()
         if progress is not None:
             progress(x.shape[0])
@@ -149,7 +153,7 @@ def predict_from_prefix(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = model(x, start_unit=prefix_units)
         probs = stage_probabilities(out, stage).float()
-        labels[start : start + len(x)] = _labels_back(probs, shape)
+        labels[start : start + len(x)] = labels_from_probabilities(probs, shape)
     return labels
 
 
@@ -177,5 +181,7 @@ def predict_volume_shared_prefix(
             prefix = models[0].encode_prefix(x, prefix_units)
             for model, labels in zip(models, outputs, strict=True):
                 out = model(prefix, start_unit=prefix_units)
-                labels[index] = _labels_back(stage_probabilities(out, stage).float(), (h, w))
+                labels[index] = labels_from_probabilities(
+                    stage_probabilities(out, stage).float(), (h, w)
+                )
     return outputs

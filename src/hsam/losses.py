@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from hsam.modeling.hsam import HSAMOutput
+from hsam.modeling.resize import resize_labels
 
 StageWeightSchedule = Literal["supplement", "main_text"]
 
@@ -37,16 +38,16 @@ def soft_dice_loss(logits: Tensor, labels: Tensor, smooth: float = 1e-5) -> Tens
 
 
 def stage_loss(logits: Tensor, labels: Tensor, dice_weight: float = 0.9) -> Tensor:
-    """(1 - w) * CE + w * Dice for one stage; labels are nearest-resized to the logits' size."""
+    """(1 - w) * CE + w * Dice for one stage; labels are resized to the logits' size with
+    pixel-centred nearest neighbour (as the training slices were resized to S)."""
     if labels.shape[-2:] != logits.shape[-2:]:
-        labels = F.interpolate(labels[:, None].float(), size=logits.shape[-2:], mode="nearest")
-        labels = labels[:, 0].long()
+        labels = resize_labels(labels, logits.shape[-2:])
     ce = F.cross_entropy(logits.float(), labels.long())
     return (1 - dice_weight) * ce + dice_weight * soft_dice_loss(logits, labels)
 
 
 def stage1_weight(
-    epoch: int, schedule: StageWeightSchedule = "supplement", max_epochs: int | None = None
+    epoch: float, schedule: StageWeightSchedule = "supplement", max_epochs: int | None = None
 ) -> float:
     """Weight of the stage-1 loss at `epoch` (stage 2 gets 1 - this).
 
@@ -58,6 +59,14 @@ def stage1_weight(
     if schedule == "main_text":
         return 0.8 * math.exp(-0.005 * epoch)
     raise ValueError(f"unknown stage-weight schedule {schedule!r}")
+
+
+def schedule_epoch(step: int, total_steps: int, horizon: int) -> float:
+    """Step `step` of `total_steps` as a (fractional) epoch of a `horizon`-epoch schedule:
+    0 at the first step, horizon - 1 at the last (stage_weight_horizon)."""
+    if horizon < 1:
+        raise ValueError(f"stage_weight_horizon must be >= 1, got {horizon}.")
+    return (horizon - 1) * min(step / max(total_steps - 1, 1), 1.0)
 
 
 def hsam_loss(

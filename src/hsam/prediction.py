@@ -12,7 +12,8 @@ folder holding one DICOM series; folders of such files are expanded by
    SimpleITK array, i.e. the image's k (z) index**: slice ``d`` is ``array[d]``, a plane of
    constant voxel index k whatever the direction cosines say (axial for a usual axial CT/MR
    acquisition; for a sagittal or coronal acquisition it is that acquisition plane). Every
-   slice is predicted (empty ones too) and the labels are resized back with nearest neighbour;
+   slice is predicted (empty ones too); the class probabilities are resized back to the
+   slice grid (bilinear) and the labels are their argmax;
 4. the label map is written on exactly the input's grid (same shape, spacing, origin,
    direction; a NIfTI output of a NIfTI input also keeps the input's qform/sform bit for bit)
    with :func:`hsam.imageio.write_label_volume`; optionally the per-class probabilities
@@ -25,6 +26,12 @@ Output names: ``<stem>_seg<ext>`` (``<ext>`` = the input's, ``.nii.gz`` for DICO
 an ``output`` that ends with a volume extension, ``output`` is the label file itself and the
 others are ``<output stem>_prob<ext>`` / ``<output stem>_overlay.png`` beside it.
 
+Size check: where the checkpoint records the range of each class's volume fraction over its
+training cases (``meta["class_volume_fraction_range"]``), every prediction is compared with it and
+a class far outside it (default: 10x, :mod:`hsam.volume_check`) is logged as a WARNING naming the
+input, the class, the predicted fraction and the training range: a silent failure on a scan
+unlike the training ones (e.g. an almost empty mask) shows up on that scan.
+
 Safety: an existing output is refused unless ``overwrite``; an output folder inside an input
 folder (or equal to it) is refused; every input's header is checked (readable, 3-D, scalar)
 before anything is written; the files of one input are staged in a hidden folder inside the
@@ -35,11 +42,12 @@ which).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -66,6 +74,13 @@ from hsam.inference import Stage, predict_volume
 from hsam.intensity import parse_policy, to_model_range
 from hsam.modeling.hsam import HSAM
 from hsam.overlay import render_overlay
+from hsam.volume_check import (
+    DEFAULT_FACTOR,
+    VolumeWarning,
+    check_factor,
+    ranges_from_meta,
+    volume_warnings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +106,14 @@ def check_precision(precision: str) -> Precision:
     if precision not in ("fp32", "bf16"):
         raise ConfigError(f"precision must be 'fp32' or 'bf16', got {precision!r}.")
     return precision  # type: ignore[return-value]
+
+
+def check_volume_factor(factor: float | None) -> float | None:
+    """The predicted-size check's factor (>= 1), or None when off (``None`` or ``0``)."""
+    try:
+        return check_factor(factor)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def check_batch_size(batch_size: int) -> int:
@@ -164,6 +187,54 @@ class InferenceModel:
             stage=stage,
             precision=precision,
             return_probabilities=return_probabilities,
+        )
+
+    @functools.cached_property
+    def volume_ranges(self) -> dict[int, tuple[float, float]] | None:
+        """Per-class training range of the volume fraction (``meta[
+        "class_volume_fraction_range"]``), or None for checkpoints that do not record it."""
+        return ranges_from_meta(self.loaded.meta, self.num_classes)
+
+    def check_volumes(
+        self,
+        labels: np.ndarray,
+        where: str,
+        *,
+        factor: float | None = DEFAULT_FACTOR,
+        label_names: Mapping[int, str] | None = None,
+    ) -> list[VolumeWarning]:
+        """Predicted classes far outside the training size range
+        (:func:`hsam.volume_check.volume_warnings`), each logged as a WARNING naming ``where``
+        (the case or file). Empty when in range, when ``factor`` is None/0, or when the
+        checkpoint has no range."""
+        names = label_names or {c: n for c, n in self.label_names.items() if c > 0}
+        found = volume_warnings(
+            labels, self.num_classes, self.volume_ranges, factor, label_names=names
+        )
+        for w in found:
+            logger.warning("%s: %s", where, w.message)
+        return found
+
+
+def log_volume_check(model: InferenceModel, factor: float | None) -> None:
+    """Say once whether predicted sizes will be checked (and against what)."""
+    if factor is None or factor == 0:
+        logger.info("predicted-size check turned off")
+    elif model.volume_ranges is None:
+        logger.info(
+            "checkpoint %s records no class_volume_fraction_range (trained before it was "
+            "stored); predicted structure sizes are not checked",
+            model.checkpoint,
+        )
+    else:
+        logger.info(
+            "checking predicted structure sizes (fraction of the scan's voxels) against the "
+            "training range, tolerance factor %g: %s",
+            factor,
+            ", ".join(
+                f"{model.label_names.get(c, c)} {lo:.3g}-{hi:.3g}"
+                for c, (lo, hi) in model.volume_ranges.items()
+            ),
         )
 
 
@@ -377,7 +448,8 @@ def _write_one(
     batch_size: int,
     precision: Precision,
     overwrite: bool,
-) -> list[Path]:
+    volume_factor: float | None = DEFAULT_FACTOR,
+) -> tuple[list[Path], list[VolumeWarning]]:
     vol = read_volume(target.input)
     image01 = to_model_range(vol.array, model.intensity_policy)
     labels, probs = model.segment(
@@ -413,7 +485,8 @@ def _write_one(
         labels.shape,
         counts[1:].tolist(),
     )
-    return target.paths()
+    found = model.check_volumes(labels, str(target.input), factor=volume_factor)
+    return target.paths(), found
 
 
 def predict_files(
@@ -431,6 +504,7 @@ def predict_files(
     backbone_weights: str | None = None,
     intensity_policy: str | None = None,
     progress: bool = True,
+    volume_factor: float | None = DEFAULT_FACTOR,
 ) -> list[Path]:
     """Segment volume files with ``checkpoint`` and write label maps on the inputs' grids.
 
@@ -453,6 +527,10 @@ def predict_files(
         backbone_weights: SAM weights file, if not where training found it.
         intensity_policy: override of the checkpoint's intensity preprocessing.
         progress: show a progress bar over the inputs (on a terminal).
+        volume_factor: predicted-size check (module doc): log a WARNING for a class whose
+            volume fraction is below ``min / factor`` or above ``max * factor`` of the
+            training range stored in the checkpoint; None or 0 turns it off. Checkpoints
+            without the range are not checked.
 
     Returns:
         The files written, per input: label map, then probabilities and overlay if asked.
@@ -465,6 +543,7 @@ def predict_files(
     stage = normalize_stage(stage)
     prec = check_precision(precision)
     batch_size = check_batch_size(batch_size)
+    volume_factor = check_volume_factor(volume_factor)
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     if not inputs:
@@ -492,14 +571,24 @@ def predict_files(
         prec,
         model.intensity_policy,
     )
+    log_volume_check(model, volume_factor)
     written: list[Path] = []
     done: list[Path] = []
+    flagged: list[tuple[Path, VolumeWarning]] = []
     bar = tqdm(targets, desc="predict", unit="volume", disable=None if progress else True)
     for t in bar:
         try:
-            written += _write_one(
-                t, model, stage=stage, batch_size=batch_size, precision=prec, overwrite=overwrite
+            paths, found = _write_one(
+                t,
+                model,
+                stage=stage,
+                batch_size=batch_size,
+                precision=prec,
+                overwrite=overwrite,
+                volume_factor=volume_factor,
             )
+            written += paths
+            flagged += [(t.input, w) for w in found]
         except Exception:
             if done:
                 logger.error(
@@ -510,4 +599,12 @@ def predict_files(
                 )
             raise
         done.append(t.input)
+    if flagged and len(targets) > 1:  # repeat them after the progress bar, all together
+        logger.warning(
+            "%d of %d input(s) have a predicted structure far outside the training size range "
+            "(check these segmentations): %s",
+            len({p for p, _ in flagged}),
+            len(targets),
+            "; ".join(f"{p} ({w.class_name}: {w.kind})" for p, w in flagged),
+        )
     return written

@@ -14,6 +14,12 @@ Both metric policies are always reported side by side (see :mod:`hsam.metrics`):
 * ``strict`` -- HD95 and NSD in mm; NaN where undefined (Dice: both masks empty; HD95/NSD:
   either mask empty). Means skip NaN and every summary entry says how many cases were defined.
 
+Predicted-size warnings (:mod:`hsam.volume_check`: a class whose predicted volume fraction is
+far outside the training range) are kept per (case, class) in the CSV's ``volume_warning``
+column (empty when none), listed in the summary's ``volume_warnings`` and, when there are any,
+in a last section of the Markdown table. CSVs written before that column existed are still
+read (as no warnings).
+
 All writers are atomic (temp file + :func:`os.replace`) and refuse an existing file unless
 ``overwrite=True``.
 """
@@ -51,9 +57,12 @@ CSV_COLUMNS: tuple[str, ...] = (
     "spacing_w_mm",
     "nsd_tolerance_mm",
     *(f"{p}_{m}" for p in POLICIES for m in METRICS),
+    "volume_warning",
 )
 _INT_COLUMNS = ("class_index", "gt_voxels", "pred_voxels")
-_STR_COLUMNS = ("case", "class_name")
+_STR_COLUMNS = ("case", "class_name", "volume_warning")
+#: Columns added after the first release, with the value rows (and older CSVs) lacking them get.
+OPTIONAL_COLUMNS: dict[str, Any] = {"volume_warning": ""}
 
 POLICY_TEXT = {
     "legacy": (
@@ -105,8 +114,13 @@ def case_rows(
     case_id: str,
     result: Mapping[str, Any],
     label_names: Mapping[int, str] | Sequence[str] | None = None,
+    volume_warnings: Mapping[int, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Per-case CSV rows (one per class) from :func:`hsam.metrics.evaluate_case`'s result."""
+    """Per-case CSV rows (one per class) from :func:`hsam.metrics.evaluate_case`'s result.
+
+    ``volume_warnings``: ``{class index: text}`` of the classes whose predicted size was flagged
+    (:attr:`hsam.volume_check.VolumeWarning.detail`), the ``volume_warning`` column."""
+    warnings = volume_warnings or {}
     names = label_name_map(label_names, int(result["num_classes"]))
     sd, sh, sw = (float(s) for s in result["spacing"])
     rows = []
@@ -126,6 +140,7 @@ def case_rows(
         for p in POLICIES:
             for m in METRICS:
                 row[f"{p}_{m}"] = float(cls[p][m])
+        row["volume_warning"] = str(warnings.get(c, ""))
         rows.append(row)
     return rows
 
@@ -144,11 +159,11 @@ def per_case_csv_text(rows: Iterable[Mapping[str, Any]]) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for i, row in enumerate(rows):
-        missing = [c for c in CSV_COLUMNS if c not in row]
+        missing = [c for c in CSV_COLUMNS if c not in row and c not in OPTIONAL_COLUMNS]
         if missing:
             raise DataError(f"per-case row {i} lacks columns {missing}; build rows with case_rows")
         try:
-            writer.writerow([_fmt(row[c], c) for c in CSV_COLUMNS])
+            writer.writerow([_fmt(row.get(c, OPTIONAL_COLUMNS.get(c)), c) for c in CSV_COLUMNS])
         except (TypeError, ValueError) as exc:
             raise DataError(f"per-case row {i} has a non-numeric value: {exc}") from exc
     return buf.getvalue()
@@ -169,7 +184,7 @@ def read_per_case_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
         with open(path, encoding="utf-8", newline="") as fh:
             reader = csv.DictReader(fh)
             header = reader.fieldnames or []
-            missing = [c for c in CSV_COLUMNS if c not in header]
+            missing = [c for c in CSV_COLUMNS if c not in header and c not in OPTIONAL_COLUMNS]
             if missing:
                 raise DataError(
                     f"{path} is not an hsam per-case CSV: columns {missing} are missing"
@@ -179,6 +194,9 @@ def read_per_case_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
                 try:
                     row: dict[str, Any] = {}
                     for c in CSV_COLUMNS:
+                        if c not in header:  # an optional column of a CSV older than it
+                            row[c] = OPTIONAL_COLUMNS[c]
+                            continue
                         v = raw[c]
                         if c in _STR_COLUMNS:
                             row[c] = v
@@ -249,6 +267,8 @@ def summarize(
     bootstrap CI over cases (``n_resamples``, ``confidence``, ``numpy.random.default_rng(seed)``)
     and the counts of defined/undefined cases; and the mean over classes (of the per-class
     means that are defined) with its bootstrap CI. NaN is stored as ``None`` (JSON ``null``).
+    ``volume_warnings`` lists the rows with a non-empty ``volume_warning`` (``case``,
+    ``class_index``, ``class_name``, ``warning``), by case and class; empty when none.
 
     The result is JSON-ready and depends only on the rows' values (not their order).
     """
@@ -297,6 +317,17 @@ def summarize(
             "seed": int(seed),
         },
         "policies": policies,
+        "volume_warnings": [
+            {
+                "case": k,
+                "class_index": c,
+                "class_name": name,
+                "warning": str(table[(k, c)]["volume_warning"]),
+            }
+            for k in cases
+            for c, name, _ in classes
+            if table[(k, c)].get("volume_warning")
+        ],
     }
 
 
@@ -337,7 +368,8 @@ def markdown_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
         Markdown with (1) the legacy table -- rows = runs, columns = classes (Dice %), then
         mean Dice (%) and mean HD95 (voxels): the numbers comparable with published tables;
         (2) the strict table -- classes (Dice %), mean Dice (%), mean HD95 (mm), mean NSD (%);
-        (3) bootstrap CIs of the means; (4) strict undefined-case counts per class.
+        (3) bootstrap CIs of the means; (4) strict undefined-case counts per class; and,
+        only when a run has any, (5) its predicted-size warnings (``volume_warnings``).
     """
     if not summaries:
         raise DataError("no runs to tabulate; pass {run name: summary}")
@@ -460,6 +492,30 @@ def markdown_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
                 ]
             )
         )
+    flagged = [(name, w) for name, s in runs for w in s.get("volume_warnings") or []]
+    if flagged:
+        lines += [
+            "",
+            "## Predicted-size warnings",
+            "",
+            "Cases where a predicted structure's size (fraction of the scan's voxels) is far "
+            "outside the range seen in the training cases: the model may have failed on these "
+            "scans (different contrast, scanner or field of view?); check their segmentations.",
+            "",
+            _row(["Method", "Case", "Class", "Warning"]),
+            _row(["---", "---", "---", "---"]),
+        ]
+        lines += [
+            _row(
+                [
+                    _md_escape(name),
+                    _md_escape(str(w["case"])),
+                    _md_escape(str(w["class_name"])),
+                    _md_escape(str(w["warning"])),
+                ]
+            )
+            for name, w in flagged
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -26,6 +26,8 @@ from hsam.data.readers import (
 from hsam.data.slices import (
     SliceDataset,
     class_frequencies,
+    class_volume_fraction_ranges,
+    class_volume_fractions,
     parse_slice_id,
     resize_image,
     resize_label,
@@ -52,6 +54,8 @@ __all__ = [
     "apply_intensity",
     "carve_validation",
     "class_frequencies",
+    "class_volume_fraction_ranges",
+    "class_volume_fractions",
     "ct_window",
     "list_cases",
     "make_manifest",

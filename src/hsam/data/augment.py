@@ -1,22 +1,43 @@
-"""Geometric augmentation of 2-D training slices (rotation, scaling, elastic deformation).
+"""Training augmentation of 2-D slices: geometric (rotation, scaling, elastic deformation,
+optionally rot90/flip) and optional intensity (contrast/brightness, gamma).
 
-All transforms are composed into ONE backward coordinate map (output pixel -> input position),
-so each sample is resampled once. The image is interpolated (linear or cubic); the label is
-always resampled with nearest neighbour (``order=0``) on the same coordinates, so image and
-label stay aligned and the label never gains a value: every output label value is an input
-label value, or 0 (background) where the transform reaches outside the slice. (The upstream
-H-SAM elastic path interpolates labels linearly, which invents class ids at borders.)
+The rotation, scaling and elastic transforms are composed into ONE backward coordinate map
+(output pixel -> input position), so each sample is resampled once. The image is interpolated
+(linear or cubic); the label is always resampled with nearest neighbour (``order=0``) on the same
+coordinates, so image and label stay aligned and the label never gains a value: every output
+label value is an input label value, or 0 (background) where the transform reaches outside the
+slice. (The upstream H-SAM elastic path interpolates labels linearly, which invents class ids at
+borders.)
+
+The optional extras default to off (paper: rotation, scale and elastic only), in this order after
+the coordinate map:
+
+* ``flip_rot90`` (SSL4MIS ACDC ``random_rot_flip``): ``np.rot90`` by ``k`` in {0, 1, 2, 3} and a
+  flip along a random axis, on image and label together (exact, no resampling). As in SSL4MIS the
+  flip always follows, so the result is one of the 4 mirror images of the slice (never a pure
+  rotation). For a non-square slice an odd ``k`` swaps height and width; ``SliceDataset``
+  resizes to ``S x S`` afterwards.
+* ``contrast`` (nnU-Net contrast + additive brightness): ``clip(a * (x - m) + m + b, 0, 1)`` with
+  ``m`` the slice mean, ``a`` uniform in ``contrast_range``, ``b`` uniform in
+  ``brightness_range``.
+* ``gamma`` (nnU-Net gamma): ``clip(x, 0, 1) ** g`` with ``g`` log-uniform in ``gamma_range``.
+
+The intensity ops assume images in the model's ``[0, 1]`` range (see :mod:`hsam.intensity`) and
+keep them there; they never touch the label.
 
 Randomness comes from one :class:`numpy.random.Generator`: the same seed gives the same sequence
 of augmentations. For data-loader workers, pass a per-sample generator to
 :meth:`Augmenter.__call__` (``SliceDataset`` derives one from ``(seed, epoch, index)``), which
-makes results independent of the number of workers.
+makes results independent of the number of workers. An extra op draws from the generator only
+when its probability is > 0, and after the rotation/scale/elastic draws, so configs without the
+extras give bit-identical results to before they existed.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -25,14 +46,31 @@ from hsam.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Augmenter", "AUGMENT_OPS"]
+__all__ = ["Augmenter", "AUGMENT_OPS", "EXTRA_OPS"]
 
 #: Names of the transforms, in the order they are composed (rotate, then scale, then elastic).
 AUGMENT_OPS = ("rotate", "scale", "elastic")
+#: Names of the optional extras (default off), in the order they follow the coordinate map.
+EXTRA_OPS = ("flip_rot90", "contrast", "gamma")
+
+
+def _check_probability(name: str, p: float) -> None:
+    if not 0.0 <= p <= 1.0:
+        raise ConfigError(f"augment {name}={p} must be a probability in [0, 1].")
+
+
+def _check_pair(name: str, value: Sequence[float]) -> tuple[float, float]:
+    if len(value) != 2:
+        raise ConfigError(f"augment {name}={list(value)} must be two numbers [low, high].")
+    lo, hi = float(value[0]), float(value[1])
+    if not lo <= hi:
+        raise ConfigError(f"augment {name}={list(value)} must have low <= high.")
+    return lo, hi
 
 
 class Augmenter:
-    """Random rotation, scaling and elastic deformation of an ``(H, W)`` image/label pair.
+    """Random rotation, scaling and elastic deformation of an ``(H, W)`` image/label pair,
+    optionally followed by rot90/flip, contrast/brightness and gamma (default off).
 
     Args:
         seed: an ``int`` seed, a ready :class:`numpy.random.Generator`, or ``None`` (fresh
@@ -53,10 +91,24 @@ class Augmenter:
         mode: ``"independent"`` (default): each transform is applied with its own probability,
             any combination can occur; ``"one_of"``: at most one transform per sample, chosen
             with probabilities ``p_rotate``, ``p_scale``, ``p_elastic`` (sum <= 1; the rest is
-            "none"), like the upstream code (0.45 / 0.4125 / 0.1169 there).
+            "none"), like the upstream code (0.45 / 0.4125 / 0.1169 there). Applies to these
+            three only; the extras below always have independent probabilities.
+        p_flip_rot90: probability of ``np.rot90`` by ``k`` uniform in {0, 1, 2, 3} followed by a
+            flip along a random axis (SSL4MIS ACDC ``random_rot_flip``). Default 0 (off).
+        p_contrast: probability of ``clip(a * (x - mean) + mean + b, 0, 1)``, ``a`` uniform in
+            ``contrast_range``, ``b`` uniform in ``brightness_range`` (nnU-Net). Default 0.
+        contrast_range: ``(low, high)`` contrast factors, ``0 < low <= high``. Default
+            ``(0.65, 1.5)``.
+        brightness_range: ``(low, high)`` additive shifts in ``[-1, 1]``. Default
+            ``(-0.15, 0.15)``.
+        p_gamma: probability of ``clip(x, 0, 1) ** g``, ``g`` log-uniform in ``gamma_range``
+            (nnU-Net). Default 0.
+        gamma_range: ``(low, high)`` gamma exponents, ``0 < low <= high``; ``g < 1`` brightens,
+            ``g > 1`` darkens. Default ``(0.5, 2.0)``.
 
     Image fill outside the slice is the slice minimum (background for CT windows and MR);
-    label fill is 0. After each call :attr:`last_applied` names the transforms used.
+    label fill is 0. After each call :attr:`last_applied` names the transforms used, in the
+    order applied (names from :data:`AUGMENT_OPS` and :data:`EXTRA_OPS`).
     """
 
     def __init__(
@@ -72,10 +124,34 @@ class Augmenter:
         elastic_magnitude: float = 0.01,
         image_order: int = 1,
         mode: str = "independent",
+        p_flip_rot90: float = 0.0,
+        p_contrast: float = 0.0,
+        contrast_range: Sequence[float] = (0.65, 1.5),
+        brightness_range: Sequence[float] = (-0.15, 0.15),
+        p_gamma: float = 0.0,
+        gamma_range: Sequence[float] = (0.5, 2.0),
     ) -> None:
-        for name, p in (("p_rotate", p_rotate), ("p_scale", p_scale), ("p_elastic", p_elastic)):
-            if not 0.0 <= p <= 1.0:
-                raise ConfigError(f"augment {name}={p} must be a probability in [0, 1].")
+        for name, p in (
+            ("p_rotate", p_rotate),
+            ("p_scale", p_scale),
+            ("p_elastic", p_elastic),
+            ("p_flip_rot90", p_flip_rot90),
+            ("p_contrast", p_contrast),
+            ("p_gamma", p_gamma),
+        ):
+            _check_probability(name, p)
+        c_lo, c_hi = _check_pair("contrast_range", contrast_range)
+        if c_lo <= 0:
+            raise ConfigError(f"augment contrast_range={list(contrast_range)} must be > 0.")
+        b_lo, b_hi = _check_pair("brightness_range", brightness_range)
+        if b_lo < -1.0 or b_hi > 1.0:
+            raise ConfigError(
+                f"augment brightness_range={list(brightness_range)} must lie in [-1, 1] "
+                "(images are in [0, 1])."
+            )
+        g_lo, g_hi = _check_pair("gamma_range", gamma_range)
+        if g_lo <= 0:
+            raise ConfigError(f"augment gamma_range={list(gamma_range)} must be > 0.")
         if mode not in ("independent", "one_of"):
             raise ConfigError(f"augment mode {mode!r} must be 'independent' or 'one_of'.")
         if mode == "one_of" and p_rotate + p_scale + p_elastic > 1.0 + 1e-9:
@@ -102,6 +178,12 @@ class Augmenter:
         self.elastic_magnitude = float(elastic_magnitude)
         self.image_order = int(image_order)
         self.mode = mode
+        self.p_flip_rot90 = float(p_flip_rot90)
+        self.p_contrast = float(p_contrast)
+        self.contrast_range = (c_lo, c_hi)
+        self.brightness_range = (b_lo, b_hi)
+        self.p_gamma = float(p_gamma)
+        self.gamma_range = (g_lo, g_hi)
         self.last_applied: tuple[str, ...] = ()
 
     def reseed(self, seed: int | np.random.Generator) -> None:
@@ -133,7 +215,8 @@ class Augmenter:
             rng: generator to draw from instead of :attr:`rng` (per-sample reproducibility).
 
         Returns:
-            ``(image, label)``: float32 ``(H, W)`` and the label in its input dtype.
+            ``(image, label)``: float32 and the label in its input dtype, both ``(H, W)``, or
+            ``(W, H)`` after an odd rot90 of a non-square slice (``flip_rot90``).
         """
         image = np.asarray(image)
         if image.ndim != 2:
@@ -142,10 +225,43 @@ class Augmenter:
             raise ValueError(f"label shape {np.shape(label)} != image shape {image.shape}")
         rng = rng if rng is not None else self.rng
         ops = self._choose(rng)
-        self.last_applied = ops
         image = image.astype(np.float32, copy=False)
-        if not ops:
-            return image.copy(), None if label is None else np.array(label, copy=True)
+        if ops:
+            image, label = self._warp(image, label, ops, rng)
+        else:
+            image = image.copy()
+            label = None if label is None else np.array(label, copy=True)
+        # Extras draw only when enabled, after the warp's draws: configs without them keep
+        # their exact random sequence.
+        extras: list[str] = []
+        if self.p_flip_rot90 > 0 and rng.random() < self.p_flip_rot90:
+            k, axis = int(rng.integers(4)), int(rng.integers(2))
+            image = np.ascontiguousarray(np.flip(np.rot90(image, k), axis))
+            if label is not None:
+                label = np.ascontiguousarray(np.flip(np.rot90(label, k), axis))
+            extras.append("flip_rot90")
+        if self.p_contrast > 0 and rng.random() < self.p_contrast:
+            a = rng.uniform(*self.contrast_range)
+            b = rng.uniform(*self.brightness_range)
+            m = float(image.mean())
+            image = np.clip(a * (image - m) + m + b, 0.0, 1.0).astype(np.float32, copy=False)
+            extras.append("contrast")
+        if self.p_gamma > 0 and rng.random() < self.p_gamma:
+            lo, hi = self.gamma_range
+            g = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+            image = np.power(np.clip(image, 0.0, 1.0), g).astype(np.float32, copy=False)
+            extras.append("gamma")
+        self.last_applied = ops + tuple(extras)
+        return image, label
+
+    def _warp(
+        self,
+        image: np.ndarray,
+        label: np.ndarray | None,
+        ops: tuple[str, ...],
+        rng: np.random.Generator,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rotation / scale / elastic ``ops`` as one backward coordinate map."""
         H, W = image.shape
         # Backward map: input = centre + A @ (output - centre) [+ displacement(output)].
         A = np.eye(2)

@@ -1,4 +1,6 @@
-"""2-D training slices as a torch ``Dataset``, slice resizing, and class frequencies.
+"""2-D training slices as a torch ``Dataset``, slice resizing, class frequencies, and the
+per-case range of each class's volume fraction (for the prediction-size check of
+:mod:`hsam.volume_check`).
 
 Each item is ``{"image": float32 (1, S, S), "label": int64 (S, S), "case_id": str,
 "slice_index": int}``: the native slice, optionally augmented (before resizing), then resized to
@@ -27,6 +29,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "SliceDataset",
     "class_frequencies",
+    "class_volume_fraction_ranges",
+    "class_volume_fractions",
     "parse_slice_id",
     "resize_image",
     "resize_label",
@@ -261,6 +265,32 @@ class SliceDataset(Dataset):
         assert case.label is not None
         return case.image[d], case.label[d]
 
+    def iter_case_labels(self) -> Iterator[tuple[str, list[np.ndarray]]]:
+        """Native label arrays of each training case, for per-case class statistics.
+
+        Yields ``(case_id, labels)`` once per case with at least one sample, in sample order:
+
+        * built from cases: ``[case.label]``, the **whole** label volume, every slice of it,
+          whatever ``foreground_only`` / ``slice_ids`` selected (the size of a structure in a
+          volume is what a prediction on a whole volume is compared with);
+        * built from slice files (Synapse npz, ACDC h5): the selected native label slices of
+          that case (there is no volume to read), so a "case" is the set of its training slices.
+        """
+        if self._cases:
+            seen: dict[int, str] = {}
+            for case_id, _, src in self._items:
+                seen.setdefault(src, case_id)
+            for src, case_id in seen.items():
+                label = self._cases[src].label
+                assert label is not None  # refused in __init__
+                yield case_id, [label]
+            return
+        groups: dict[str, list[int]] = {}
+        for i, (case_id, _, _) in enumerate(self._items):
+            groups.setdefault(case_id, []).append(i)
+        for case_id, indices in groups.items():
+            yield case_id, [self.raw_slice(i)[1] for i in indices]
+
     def iter_labels(self) -> Iterator[np.ndarray]:
         """Native label slices of all samples (for :func:`class_frequencies`)."""
         for i in range(len(self)):
@@ -289,6 +319,18 @@ class SliceDataset(Dataset):
         }
 
 
+def _class_counts(label: np.ndarray, num_classes: int) -> np.ndarray:
+    """Voxels per class ``0..K`` of one label array (DataError on a value above ``K``)."""
+    bc = np.bincount(np.asarray(label, dtype=np.int64).ravel(), minlength=num_classes + 1)
+    if bc.size > num_classes + 1 and bc[num_classes + 1 :].any():
+        bad = (np.flatnonzero(bc[num_classes + 1 :]) + num_classes + 1).tolist()
+        raise DataError(
+            f"label values {bad} exceed K = {num_classes}; set num_classes to the dataset's "
+            "number of foreground classes or remap the labels."
+        )
+    return bc[: num_classes + 1]
+
+
 def class_frequencies(data: SliceDataset | Sequence[Case], num_classes: int) -> np.ndarray:
     """Fraction of voxels per class, background included, over the training slices.
 
@@ -310,15 +352,69 @@ def class_frequencies(data: SliceDataset | Sequence[Case], num_classes: int) -> 
     else:
         labels = (c.label for c in data if c.label is not None)
     for lab in labels:
-        bc = np.bincount(np.asarray(lab, dtype=np.int64).ravel())
-        if bc.size > num_classes + 1 and bc[num_classes + 1 :].any():
-            bad = (np.flatnonzero(bc[num_classes + 1 :]) + num_classes + 1).tolist()
-            raise DataError(
-                f"label values {bad} exceed K = {num_classes}; set num_classes to the dataset's "
-                "number of foreground classes or remap the labels."
-            )
-        counts[: min(bc.size, num_classes + 1)] += bc[: num_classes + 1]
+        counts += _class_counts(lab, num_classes)
     total = counts.sum()
     if total == 0:
         raise DataError("no labelled voxels to count class frequencies from.")
     return counts / total
+
+
+def class_volume_fractions(
+    data: SliceDataset | Sequence[Case], num_classes: int
+) -> dict[str, np.ndarray]:
+    """Per training case, the fraction of its voxels that each class occupies.
+
+    Args:
+        data: a :class:`SliceDataset` or cases. A dataset built from cases counts each case's
+            **whole** label volume (all slices, also where ``foreground_only`` or
+            ``slice_ids`` left slices out of training); one built from slice files counts the
+            case's selected slices only (fraction = class voxels / voxels of those slices),
+            see :meth:`SliceDataset.iter_case_labels`. Cases (a sequence) count their whole
+            label volume; unlabelled ones are skipped.
+        num_classes: ``K`` foreground classes.
+
+    Returns:
+        ``{case_id: float64 array (K + 1,)}`` (background included, summing to 1), in case order.
+
+    Raises:
+        DataError: a label value above ``K``, or a case without any voxel.
+    """
+    groups: Iterable[tuple[str, list[np.ndarray]]]
+    if isinstance(data, SliceDataset):
+        groups = data.iter_case_labels()
+    else:
+        groups = ((c.case_id, [c.label]) for c in data if c.label is not None)
+    out: dict[str, np.ndarray] = {}
+    for case_id, labels in groups:
+        if case_id in out:
+            raise DataError(f"case id {case_id!r} appears twice in the training data.")
+        counts = np.zeros(num_classes + 1, dtype=np.int64)
+        for lab in labels:
+            counts += _class_counts(lab, num_classes)
+        total = counts.sum()
+        if total == 0:
+            raise DataError(f"case {case_id!r} has no voxel to measure class sizes on.")
+        out[case_id] = counts / total
+    return out
+
+
+def class_volume_fraction_ranges(
+    data: SliceDataset | Sequence[Case], num_classes: int
+) -> dict[int, tuple[float, float]]:
+    """``{c: (min, max)}`` over the training cases of class ``c``'s volume fraction
+    (:func:`class_volume_fractions`), for the foreground classes ``1..K``.
+
+    A minimum of 0 means the class is absent from some training case. Stored in the checkpoint
+    meta as ``class_volume_fraction_range`` (``{str(c): [lo, hi]}``) and checked against each
+    prediction by :func:`hsam.volume_check.volume_warnings`.
+
+    Raises:
+        DataError: no training case, or as :func:`class_volume_fractions`.
+    """
+    per_case = class_volume_fractions(data, num_classes)
+    if not per_case:
+        raise DataError("no labelled training case to measure class volume fractions on.")
+    table = np.stack(list(per_case.values()))  # (cases, K + 1)
+    return {
+        c: (float(table[:, c].min()), float(table[:, c].max())) for c in range(1, num_classes + 1)
+    }

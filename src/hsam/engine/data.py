@@ -1,10 +1,11 @@
 """Assemble a run's data from its `DataConfig`: few-shot training slices, validation volumes,
-the split manifest, class frequencies and the intensity policy."""
+the split manifest, class frequencies, the per-class training range of volume fractions and the
+intensity policy."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from hsam.data import (
     SliceDataset,
     carve_validation,
     class_frequencies,
+    class_volume_fraction_ranges,
     list_cases,
     make_manifest,
     parse_slice_id,
@@ -43,6 +45,8 @@ class RunData:
     intensity_policy: str
     label_names: dict[int, str]
     class_frequencies: np.ndarray  # (T,)
+    # {c: (min, max)} over the training cases of class c's volume fraction (hsam.volume_check)
+    class_volume_fraction_range: dict[int, tuple[float, float]] = field(default_factory=dict)
 
 
 def prepare_case(case: Case, policy: str) -> Case:
@@ -61,6 +65,12 @@ def _augmenter(cfg: TrainConfig) -> Augmenter | None:
         p_scale=aug.p_scale,
         scale_range=tuple(aug.scale_range),
         p_elastic=aug.p_elastic,
+        p_flip_rot90=aug.p_flip_rot90,
+        p_contrast=aug.p_contrast,
+        contrast_range=tuple(aug.contrast_range),
+        brightness_range=tuple(aug.brightness_range),
+        p_gamma=aug.p_gamma,
+        gamma_range=tuple(aug.gamma_range),
     )
 
 
@@ -160,6 +170,9 @@ def build_run_data(data: DataConfig, train: TrainConfig, image_size: int) -> Run
         [prepare_case(c, policy) for c in val_cases] if data.train_slices_list else val_cases
     )
     freqs = class_frequencies(dataset, data.num_classes)
+    # whole volumes when the training data are volumes (also with foreground_only), the
+    # selected slices of each volume for slice files (see class_volume_fractions)
+    volume_ranges = class_volume_fraction_ranges(dataset, data.num_classes)
     manifest = make_manifest(
         train=train_list, val=val_ids, method=how, seed=data.train_seed, sources=sources, **extra
     )
@@ -170,4 +183,9 @@ def build_run_data(data: DataConfig, train: TrainConfig, image_size: int) -> Run
         len(val_cases),
         policy,
     )
-    return RunData(dataset, val_cases, manifest, policy, dict(label_names), freqs)
+    logger.info(
+        "class volume fractions over the %d training case(s), min-max: %s",
+        len(dataset.case_ids),
+        ", ".join(f"{c}: {lo:.4g}-{hi:.4g}" for c, (lo, hi) in volume_ranges.items()),
+    )
+    return RunData(dataset, val_cases, manifest, policy, dict(label_names), freqs, volume_ranges)

@@ -42,7 +42,7 @@ from hsam.engine.distributed import ProcessInfo, barrier, init_process, shutdown
 from hsam.engine.prefix_cache import PrefixCache
 from hsam.errors import CheckpointError, ConfigError, OutputExistsError
 from hsam.inference import predict_from_prefix, predict_volume
-from hsam.losses import hsam_loss, learning_rate, stage1_weight
+from hsam.losses import hsam_loss, learning_rate, schedule_epoch, stage1_weight
 from hsam.metrics import dice
 from hsam.modeling.cmattn import class_noise_std_from_frequencies
 
@@ -250,6 +250,9 @@ class Trainer:
             "split_sha256": manifest_sha256(self.data.manifest),
             "manifest": self.data.manifest,
             "class_frequencies": self.data.class_frequencies.tolist(),
+            "class_volume_fraction_range": {
+                str(c): [lo, hi] for c, (lo, hi) in self.data.class_volume_fraction_range.items()
+            },
             "epoch": epoch,
             "metrics": metrics,
         }
@@ -309,10 +312,17 @@ class Trainer:
             group["lr"] = lr
         return lr
 
+    def _stage1_weight(self, epoch: int) -> float:
+        """Stage-1 loss weight at the current step (per epoch, or over the run)."""
+        tcfg = self.cfg.train
+        if tcfg.stage_weight_horizon is not None:
+            at = schedule_epoch(self.global_step, self.total_steps, tcfg.stage_weight_horizon)
+            return stage1_weight(at, tcfg.stage_weight_schedule)
+        return stage1_weight(epoch, tcfg.stage_weight_schedule)
+
     def train_epoch(self, epoch: int) -> dict[str, float]:
         tcfg = self.cfg.train
         device = self.process.device
-        weight = stage1_weight(epoch, tcfg.stage_weight_schedule)
         self.net.train()
         accum = tcfg.accumulation_steps
         sums: dict[str, float] = {}
@@ -326,6 +336,7 @@ class Trainer:
         micro_iter = self._micro_batches(epoch)
         while steps < self.steps_per_epoch:
             lr = self._set_lr()
+            weight = self._stage1_weight(epoch)
             for micro in range(accum):
                 inputs, labels, start_unit = next(micro_iter)
                 inputs, labels = inputs.to(device), labels.to(device)

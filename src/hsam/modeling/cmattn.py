@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from hsam.modeling.attention import FusedAttention
+from hsam.modeling.resize import resize_labels
 
 CMAttnMode = Literal["paper", "reference"]
 
@@ -99,8 +100,8 @@ class ClassBalancedMaskAttention(nn.Module):
     def class_balanced_noise(self, x: Tensor, labels: Tensor) -> Tensor:
         """Noise for (B, T, g*g) features: pixel j gets N(0, sigma_{label(j)}^2 * var(x))."""
         g = self.grid_size
-        lab = F.interpolate(labels[:, None].float(), size=(g, g), mode="nearest")
-        lab = lab.flatten(1).long().clamp_(0, len(self.class_noise_std) - 1)  # (B, g*g)
+        lab = resize_labels(labels, (g, g))
+        lab = lab.flatten(1).clamp_(0, len(self.class_noise_std) - 1)  # (B, g*g)
         std = self.class_noise_std[lab].to(x.dtype)  # (B, g*g)
         return torch.randn_like(x) * std[:, None, :] * x.detach().std()
 
@@ -138,7 +139,8 @@ class ClassBalancedMaskAttention(nn.Module):
         Arguments:
           embedding: (B, C, h, w) stage-2 input embedding.
           mask_features: (B, T, h*w) stage-1 mask tokens x image keys.
-          labels: optional (B, H, W) integer ground truth (any resolution; nearest-resized),
+          labels: optional (B, H, W) integer ground truth (any resolution; resized with
+            pixel-centred nearest neighbour),
             used for the class-balanced noise in training mode only.
 
         Returns:

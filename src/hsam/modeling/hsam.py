@@ -67,6 +67,9 @@ class HSAM(nn.Module):
         self.stage2_embedding_noise = stage2_embedding_noise
         self.fuse = fuse
         self.test_input_size = test_input_size
+        # A new nn.Module starts in training mode; the frozen encoder must not, even before
+        # anyone calls train()/eval() (a prefix cache built right after construction).
+        self.image_encoder.eval()
 
     def train(self, mode: bool = True) -> HSAM:
         """Set training mode for the decoders; the frozen encoder always stays in eval mode,
@@ -75,6 +78,13 @@ class HSAM(nn.Module):
         super().train(mode)
         self.image_encoder.eval()
         return self
+
+    def _frozen_encoder(self) -> nn.Module:
+        """The encoder, forced back to eval mode if a caller switched it to training (its
+        BatchNorm statistics must never be batch statistics or change)."""
+        if self.image_encoder.training:
+            self.image_encoder.eval()
+        return self.image_encoder
 
     @property
     def num_classes(self) -> int:
@@ -98,7 +108,7 @@ class HSAM(nn.Module):
         """Image embedding (B, C, h, w). With `start_unit > 0`, `images` are cached features
         of the encoder's first `start_unit` units (see `encode_prefix`)."""
         x = self.preprocess(images) if start_unit == 0 else images
-        for unit in self.image_encoder.units()[start_unit:]:
+        for unit in self._frozen_encoder().units()[start_unit:]:
             x = unit(x)
         return x
 
@@ -106,7 +116,7 @@ class HSAM(nn.Module):
     def encode_prefix(self, images: Tensor, stop_unit: int) -> Tensor:
         """Features after the first `stop_unit` encoder units (frozen, so cacheable)."""
         x = self.preprocess(images)
-        for unit in self.image_encoder.units()[:stop_unit]:
+        for unit in self._frozen_encoder().units()[:stop_unit]:
             x = unit(x)
         return x
 

@@ -1,0 +1,158 @@
+"""The paths that touch the model, checked once on the real LiteMedSAM weights and real data.
+
+The `tiny` preset has no BatchNorm and its tests call `.eval()` first, so it cannot see what
+TinyViT's 27 BatchNorm layers do when a caller forgets; nor can random labels show whether
+a prediction maps back to the slice grid off-centre. Skipped when the data or the bundled
+weights are absent.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, shared_data_dir
+from hsam.build import build_hsam
+from hsam.config import ModelConfig, load_run_config
+from hsam.data import SliceDataset, read_dataset, read_list
+from hsam.data.slices import resize_label
+from hsam.engine.prefix_cache import PrefixCache
+from hsam.engine.trainer import run_training
+from hsam.evaluation import evaluate_checkpoint
+from hsam.inference import labels_from_probabilities
+from hsam.metrics import dice
+
+pytestmark = pytest.mark.slow
+
+DATA = shared_data_dir()
+LITE = ModelConfig(backbone="litemedsam", image_size=256, num_classes=1, lora_last_n=2)
+
+
+def _need(*parts: str):
+    path = DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data {path} not available")
+    return path
+
+
+def _la_case(index: int = 0):
+    root = _need("la")
+    (case,) = read_dataset("la", root, [read_list(root / "train.list")[index]])
+    return case
+
+
+def _batchnorm_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.{key}": buf.clone()
+        for name, module in model.image_encoder.named_modules()
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+        for key, buf in module.named_buffers()
+    }
+
+
+@pytest.fixture(scope="module")
+def fresh_lite_model():
+    """A freshly built model, never put in train or eval mode by the caller."""
+    try:
+        return build_hsam(LITE).model
+    except Exception as exc:  # the bundled weights are an installed dependency
+        pytest.skip(f"LiteMedSAM weights not available: {exc}")
+
+
+def test_prefix_cache_leaves_every_batchnorm_buffer_unchanged(fresh_lite_model):
+    model = fresh_lite_model
+    before = _batchnorm_buffers(model)
+    assert len([k for k in before if k.endswith("running_mean")]) > 20  # TinyViT's BN layers
+    case = _la_case()
+    dataset = SliceDataset([case], 256, foreground_only=True)
+    subset = torch.utils.data.Subset(dataset, range(8))
+    subset.set_epoch = dataset.set_epoch  # PrefixCache selects views through it
+    PrefixCache.build(
+        model,
+        subset,
+        views=1,
+        stop_unit=model.first_trainable_unit,
+        batch_size=8,
+        device=torch.device("cpu"),
+        bf16=False,
+        show_progress=False,
+    )
+    after = _batchnorm_buffers(model)
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
+
+
+def test_cached_embeddings_equal_eval_mode_embeddings(fresh_lite_model):
+    model = fresh_lite_model
+    case = _la_case()
+    fg = case.foreground_slices()[:4]
+    x = torch.stack([torch.from_numpy(SliceDataset([case], 256)[d]["image"].numpy()) for d in fg])
+    model.train()  # what a training loop does; the encoder must stay in eval mode
+    model.image_encoder.train()  # even when a caller switches the encoder itself
+    k = model.first_trainable_unit
+    with torch.no_grad():
+        cached = model.encode(model.encode_prefix(x, k), start_unit=k)
+        model.eval()
+        reference = model.encode(x)
+    assert not model.image_encoder.training
+    torch.testing.assert_close(cached, reference, rtol=1e-5, atol=1e-5)
+
+
+def _round_trip_dice(case, size: int) -> float:
+    """Ground truth resized to S as training resizes it, mapped back by the inference path."""
+    k = int(case.label.max())
+    scores = []
+    labels = np.stack([resize_label(lab, size) for lab in case.label])
+    onehot = torch.nn.functional.one_hot(torch.from_numpy(labels).long(), k + 1)
+    back = labels_from_probabilities(onehot.permute(0, 3, 1, 2).float(), case.label.shape[1:])
+    for c in range(1, k + 1):
+        scores.append(dice(back == c, case.label == c, "legacy"))
+    return float(np.mean(scores))
+
+
+@pytest.mark.parametrize("dataset", ["la", "acdc"])
+def test_ground_truth_survives_the_trip_to_s_and_back(dataset):
+    root = _need(dataset)
+    ids = read_list(root / ("test.list" if dataset == "la" else "val.list"))
+    scores = []
+    for case in read_dataset(dataset, root, ids[:4] if dataset == "la" else ids):
+        score = _round_trip_dice(case, 256)
+        if max(case.shape[1:]) <= 256:
+            # upsampled to S: nothing is lost, so a pixel-centred path returns it exactly
+            assert score == 1.0, (case.case_id, score)
+        scores.append(score)
+    # slices larger than S lose what S cannot hold (thin myocardium on ACDC's 288-row frames)
+    assert np.mean(scores) >= 0.995
+
+
+def test_validation_dice_equals_evaluate_of_the_saved_checkpoint(tmp_path):
+    _need("acdc")
+    cfg = load_run_config(
+        REPO / "configs" / "acdc_5pct_litemedsam_cpu.yaml",
+        [
+            f"data.root={DATA / 'acdc'}",
+            f"data.train_slices_list={DATA / 'acdc' / 'train_slices.list'}",
+            f"data.test_list={DATA / 'acdc' / 'val.list'}",
+            "train.epochs=1",
+            "train.max_steps_per_epoch=3",
+            "train.augmented_views=1",
+            "data.val_cases=1",
+        ],
+    )
+    result = run_training(cfg, tmp_path / "run")
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    val_dice = logged[-1]["val_dice"]
+    summary = evaluate_checkpoint(
+        result.best_checkpoint,
+        split="val",
+        out_dir=tmp_path / "eval",
+        precision=cfg.train.precision,
+        batch_size=cfg.train.inference_batch_size,
+        device="cpu",
+        progress=False,
+    )
+    evaluated = summary["policies"]["legacy"]["mean"]["dice"]["mean"]
+    assert evaluated == pytest.approx(val_dice, abs=1e-6)
