@@ -53,6 +53,7 @@ from hsam.errors import ConfigError, HSAMError
 from hsam.hashing import file_sha256
 from hsam.inference import predict_volume_shared_prefix
 from hsam.metrics import evaluate_case
+from hsam.postprocess import POSTPROCESS_CHOICES, postprocess_labels
 from hsam.reports import case_rows, summarize
 
 logger = logging.getLogger("fewshot")
@@ -224,6 +225,7 @@ def _evaluation_key(protocol: RunConfig, record: dict[str, Any], test_ids: list[
         "test_ids": list(test_ids),
         "precision": protocol.train.precision,
         "inference_batch_size": protocol.train.inference_batch_size,
+        "postprocess": list(POSTPROCESS_CHOICES),
     }
 
 
@@ -233,18 +235,21 @@ def _evaluation_path(record: dict[str, Any]) -> Path:
 
 
 def stored_evaluation(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
-    """The summary stored at `path` for exactly this evaluation `key`, else None."""
+    """The summaries (per post-processing) stored at `path` for exactly this evaluation
+    `key`, else None."""
     stored = json.loads(path.read_text()) if path.is_file() else None
-    return stored["summary"] if stored and stored["key"] == key else None
+    return stored["summaries"] if stored and stored["key"] == key else None
 
 
 def evaluate_runs(
     protocol: RunConfig, records: list[dict[str, Any]], test_ids: list[str]
 ) -> tuple[dict[tuple[int, str], dict[str, Any]], int]:
-    """3-D evaluation of every run's checkpoint on the test cases (prefix shared per slice).
+    """3-D evaluation of every run's checkpoint on the test cases (prefix shared per slice),
+    of the raw predictions and of each post-processing of them (`hsam.postprocess`).
 
     A run evaluated before with the same checkpoint bytes, data and test list keeps its stored
-    summary (beside its run record); returns the summaries and how many were reused."""
+    summaries (beside its run record); returns {(seed, name): {postprocess: summary}} and how
+    many were reused."""
     summaries: dict[tuple[int, str], dict[str, Any]] = {}
     todo: list[tuple[dict[str, Any], dict[str, Any]]] = []
     for record in records:
@@ -258,7 +263,7 @@ def evaluate_runs(
         fresh = _evaluate(protocol, [r for r, _ in todo], test_ids)
         for record, key in todo:
             summary = fresh[(record["seed"], record["name"])]
-            stored = json.dumps({"key": key, "summary": summary}, indent=2)
+            stored = json.dumps({"key": key, "summaries": summary}, indent=2)
             atomic_write_text(_evaluation_path(record), stored)
             summaries[(record["seed"], record["name"])] = summary
     ordered = {(r["seed"], r["name"]): summaries[(r["seed"], r["name"])] for r in records}
@@ -273,7 +278,7 @@ def _evaluate(
     groups = shared_prefix_groups(models)
     policy = loaded[0].meta["intensity_policy"]
     k = protocol.model.num_classes
-    rows: list[list[dict[str, Any]]] = [[] for _ in records]
+    rows = {method: [[] for _ in records] for method in POSTPROCESS_CHOICES}
     for i, case_id in enumerate(test_ids, 1):
         (case,) = read_dataset(protocol.data.format, protocol.data.root, [case_id])
         case = prepare_case(case, policy)
@@ -287,12 +292,16 @@ def _evaluate(
                 precision=protocol.train.precision,
             )
             for j, labels in zip(group, predictions, strict=True):
-                result = evaluate_case(labels, case.label, k, case.spacing, 2.0)
-                rows[j].extend(case_rows(case.case_id, result, case.label_names))
+                for method in POSTPROCESS_CHOICES:
+                    processed = postprocess_labels(labels, k, method)
+                    result = evaluate_case(processed, case.label, k, case.spacing, 2.0)
+                    rows[method][j].extend(case_rows(case.case_id, result, case.label_names))
         logger.info("test case %d/%d %s: %.0f s", i, len(test_ids), case_id, time.time() - t)
     return {
-        (r["seed"], r["name"]): summarize(run_rows, n_resamples=200)
-        for r, run_rows in zip(records, rows, strict=True)
+        (r["seed"], r["name"]): {
+            method: summarize(rows[method][j], n_resamples=200) for method in POSTPROCESS_CHOICES
+        }
+        for j, r in enumerate(records)
     }
 
 
@@ -408,6 +417,19 @@ def _validation_note(out: Path, records: list[dict[str, Any]]) -> str:
     return f"{carved}: {', '.join(f'`{i}`' for i in ids)}" if ids else carved
 
 
+def _augmentation_note(aug: Any) -> str:
+    if not aug.enabled:
+        return "none"
+    parts = ["rotation, scaling, elastic"]
+    if aug.p_flip_rot90 > 0:
+        parts.append(f"flip/rot90 (p {aug.p_flip_rot90})")
+    if aug.p_contrast > 0:
+        parts.append(f"contrast {aug.contrast_range} (p {aug.p_contrast})")
+    if aug.p_gamma > 0:
+        parts.append(f"gamma {aug.gamma_range} (p {aug.p_gamma})")
+    return ", ".join(parts)
+
+
 def _evaluation_note(seconds: float, reused: int, runs: int) -> str:
     if reused == runs:  # this call only checked the stored evaluations' keys
         return f"test evaluations of all {runs} runs reused from earlier calls"
@@ -424,6 +446,7 @@ def render(
     cache_seconds: dict[int, float],
     eval_seconds: float,
     reused: int = 0,
+    table_lcc: dict[tuple[int, str], dict[str, Any]] | None = None,
 ) -> str:
     seeds = sorted({r["seed"] for r in records})
     names = [n for n in args.configs if any(r["name"] == n for r in records)]
@@ -443,7 +466,14 @@ def render(
         f"- protocol: `{args.protocol}`; backbone `{m.backbone}` at S = {m.image_size}, LoRA rank "
         f"{m.lora_rank} on the last {m.lora_last_n} encoder blocks; {t.epochs} epochs, batch "
         f"{t.batch_size}, lr {t.base_lr}, {t.augmented_views} cached augmented views, "
-        f"{t.precision}; seeds {', '.join(map(str, seeds))}.",
+        f"{t.precision}; stage weight "
+        + (
+            f"over the run ({t.stage_weight_horizon}-epoch schedule)"
+            if t.stage_weight_horizon
+            else "per epoch"
+        )
+        + f"; augmentation: {_augmentation_note(t.augment)}; "
+        f"seeds {', '.join(map(str, seeds))}.",
         f"- test: {len(test_ids)} volumes from `{args.test_list or d.test_list}`, 3-D, "
         "legacy policy (the paper's convention: Dice, HD95 in voxels); checkpoint chosen on "
         f"{' / '.join(selected)} ({_validation_note(Path(args.out), records)}).",
@@ -487,8 +517,41 @@ def render(
         cells = [f"{table[(s, name)]['dice']:.2f}" if (s, name) in table else "—" for s in seeds]
         lines.append(f"| {CONFIGURATIONS[name].label} | " + " | ".join(cells) + " |")
     lines += ["", "Did the paper's claims hold here (paired by seed)?", "", *claims(table, seeds)]
+    if table_lcc:
+        lines += ["", *_postprocess_lines(table, table_lcc, names, seeds)]
     lines += ["", f"<!-- /fewshot:{args.name} -->", ""]
     return "\n".join(lines)
+
+
+def _postprocess_lines(
+    table: dict[tuple[int, str], dict[str, Any]],
+    table_lcc: dict[tuple[int, str], dict[str, Any]],
+    names: list[str],
+    seeds: list[int],
+) -> list[str]:
+    """The same checkpoints with each class's largest 3-D connected component kept
+    (`hsam evaluate --postprocess largest_component`), paired with the raw predictions."""
+    lines = [
+        "With largest-connected-component post-processing (same checkpoints and predictions; "
+        "`--postprocess largest_component` in `hsam evaluate` / `predict`):",
+        "",
+        "| Configuration | Dice (%) | HD95 (vox) | Dice change vs raw, paired by seed |",
+        "|---|---|---|---|",
+    ]
+    for name in names:
+        keys = [(s, name) for s in seeds if (s, name) in table_lcc]
+        diffs = [table_lcc[k]["dice"] - table[k]["dice"] for k in keys]
+        change = f"{statistics.fmean(diffs):+.2f}" if diffs else "—"
+        if len(diffs) > 1:
+            change += f" (better in {sum(d > 0 for d in diffs)} of {len(diffs)} seeds)"
+        cells = [
+            CONFIGURATIONS[name].label,
+            _mean_sd([table_lcc[k]["dice"] for k in keys]),
+            _mean_sd([table_lcc[k]["hd95"] for k in keys]),
+            change,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _split_section(text: str, name: str) -> tuple[str, str] | None:
@@ -583,7 +646,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     eval_seconds = time.time() - t
     if reused:
         logger.info("%d of %d evaluations reused from earlier calls", reused, len(records))
-    table = {key: scores(s) for key, s in summaries.items()}
+    table = {key: scores(s["none"]) for key, s in summaries.items()}
+    table_lcc = {key: scores(s["largest_component"]) for key, s in summaries.items()}
     atomic_write_text(
         out / "results.json",
         json.dumps(
@@ -591,12 +655,17 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 "command": args.command,
                 "runs": records,
                 "scores": [{"seed": s, "name": n, **v} for (s, n), v in table.items()],
+                "scores_largest_component": [
+                    {"seed": s, "name": n, **v} for (s, n), v in table_lcc.items()
+                ],
                 "summaries": [{"seed": s, "name": n, **v} for (s, n), v in summaries.items()],
             },
             indent=2,
         ),
     )
-    section = render(args, protocol, records, table, test_ids, cache_seconds, eval_seconds, reused)
+    section = render(
+        args, protocol, records, table, test_ids, cache_seconds, eval_seconds, reused, table_lcc
+    )
     update_results(Path(args.results), args.name, section, tuple(args.replaces))
     logger.info("wrote %s (section %s) and %s", args.results, args.name, out / "results.json")
     return 0

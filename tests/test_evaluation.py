@@ -19,7 +19,7 @@ import yaml
 
 from hsam.config import DataConfig
 from hsam.data import read_dataset, read_list
-from hsam.errors import CheckpointError, DataError, OutputExistsError
+from hsam.errors import CheckpointError, ConfigError, DataError, OutputExistsError
 from hsam.evaluation import (
     INFO_FILE,
     REPORT_FILES,
@@ -27,6 +27,7 @@ from hsam.evaluation import (
     evaluate_checkpoint,
     resolve_split,
 )
+from hsam.postprocess import keep_largest_component
 from hsam.reports import read_per_case_csv, summarize
 from test_prediction import MR_POLICY, make_checkpoint, shared_data
 
@@ -332,3 +333,41 @@ def test_nan_free_json_and_metrics_finite(tmp_path, acdc_checkpoint, acdc_root, 
     json.loads((out / "summary.json").read_text(), parse_constant=no_constants)
     for row in read_per_case_csv(out / "per_case.csv"):
         assert all(math.isfinite(row[f"legacy_{m}"]) for m in ("dice", "hd95", "nsd"))
+
+
+def test_largest_component_postprocessing_is_what_gets_scored(
+    tmp_path, acdc_checkpoint, acdc_root, acdc_list
+):
+    """The untrained K = 3 model scatters every class; --postprocess largest_component saves
+    and scores the raw prediction with each class cut to its largest 3-D component."""
+    runs = {}
+    for method in ("none", "largest_component"):
+        out = tmp_path / method
+        evaluate_checkpoint(
+            acdc_checkpoint,
+            acdc_root,
+            split=str(acdc_list),
+            out_dir=out,
+            device="cpu",
+            save_predictions=True,
+            postprocess=method,
+            progress=False,
+        )
+        runs[method] = out
+    case_id = read_list(acdc_list)[0]
+    raw, kept = (
+        np.asarray(nib.load(str(runs[m] / "predictions" / f"{case_id}.nii.gz")).dataobj)
+        for m in ("none", "largest_component")
+    )
+    np.testing.assert_array_equal(kept, keep_largest_component(raw, 3))
+    rows = {m: read_per_case_csv(runs[m] / "per_case.csv") for m in runs}
+    pairs = zip(rows["none"], rows["largest_component"], strict=True)
+    assert all(b["pred_voxels"] <= a["pred_voxels"] for a, b in pairs)
+    with pytest.raises(ConfigError, match="post-processing"):
+        evaluate_checkpoint(
+            acdc_checkpoint,
+            acdc_root,
+            split=str(acdc_list),
+            out_dir=tmp_path / "x",
+            postprocess="median",
+        )

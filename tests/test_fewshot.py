@@ -18,6 +18,7 @@ from hsam.data import read_dataset
 from hsam.engine.data import prepare_case
 from hsam.inference import predict_volume
 from hsam.metrics import dice
+from hsam.postprocess import keep_largest_component
 from test_training import ellipsoid_label, write_nnunet_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,6 +197,17 @@ def test_fewshot_end_to_end_on_a_tiny_protocol(tmp_path, fewshot):
         scores.append(dice(pred == 1, case.label == 1, "legacy"))
     reported = next(s for s in out["scores"] if (s["seed"], s["name"]) == (1, "hsam"))
     assert reported["dice"] == pytest.approx(100 * np.mean(scores), abs=1e-6)
+    # ... and the post-processed row that of the same predictions cut to their largest
+    # connected component.
+    kept = []
+    for case in read_dataset("nnunet", tmp_path / "data", ["case3", "case4"]):
+        case = prepare_case(case, loaded.meta["intensity_policy"])
+        pred, _ = predict_volume(model, case.image, batch_size=8)
+        kept.append(dice(keep_largest_component(pred, 1) == 1, case.label == 1, "legacy"))
+    lcc = out["scores_largest_component"]
+    reported = next(s for s in lcc if (s["seed"], s["name"]) == (1, "hsam"))
+    assert reported["dice"] == pytest.approx(100 * np.mean(kept), abs=1e-6)
+    assert "With largest-connected-component post-processing" in section
 
     # A second call reuses the finished runs and their evaluations, and rewrites only its
     # own section.

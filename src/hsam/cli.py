@@ -11,6 +11,7 @@ from pathlib import Path
 from hsam.config import ModelConfig
 from hsam.devices import configure_cpu_allocator
 from hsam.errors import HSAMError
+from hsam.postprocess import POSTPROCESS_CHOICES
 from hsam.volume_check import DEFAULT_FACTOR
 
 logger = logging.getLogger("hsam")
@@ -102,6 +103,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         format=args.format,
         save_predictions=args.save_predictions,
         volume_factor=args.volume_factor,
+        postprocess=args.postprocess,
     )
     mean = summary["policies"]["legacy"]["mean"]
     logger.info(
@@ -130,6 +132,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         backbone_weights=args.backbone_weights,
         volume_factor=args.volume_factor,
+        postprocess=args.postprocess,
     )
     logger.info("wrote %d file(s) under %s", len(written), args.output)
     return 0
@@ -150,6 +153,13 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
         "--backbone-weights", help="SAM checkpoint file if it moved since training (sha256 checked)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument(
+        "--postprocess",
+        choices=POSTPROCESS_CHOICES,
+        default="none",
+        help="largest_component: each class keeps its largest 3-D connected component "
+        "(labels only; default none)",
+    )
     parser.add_argument(
         "--volume-factor",
         type=float,

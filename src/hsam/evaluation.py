@@ -63,6 +63,7 @@ from hsam.metrics import evaluate_case
 from hsam.prediction import (
     InferenceModel,
     check_batch_size,
+    check_postprocess,
     check_precision,
     check_volume_factor,
     load_inference_model,
@@ -287,6 +288,7 @@ def evaluate_checkpoint(
     intensity_policy: str | None = None,
     progress: bool = True,
     volume_factor: float | None = DEFAULT_FACTOR,
+    postprocess: str = "none",
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on a labelled split and write the reports into ``out_dir``.
 
@@ -311,6 +313,8 @@ def evaluate_checkpoint(
         volume_factor: predicted-size check (module doc): flag a class whose volume fraction
             is below ``min / factor`` or above ``max * factor`` of the checkpoint's training
             range; None or 0 turns it off. Checkpoints without the range are not checked.
+        postprocess: ``"none"`` or ``"largest_component"`` (:mod:`hsam.postprocess`), applied
+            to each predicted volume before it is scored (and saved).
 
     Returns:
         The summary written to ``summary.json`` (:func:`hsam.reports.summarize`'s format).
@@ -324,6 +328,7 @@ def evaluate_checkpoint(
     prec = check_precision(precision)
     batch_size = check_batch_size(batch_size)
     volume_factor = check_volume_factor(volume_factor)
+    check_postprocess(postprocess)
     out = Path(out_dir)
     report_paths = [out / name for name in (*REPORT_FILES, INFO_FILE)]
     if not overwrite:
@@ -385,7 +390,13 @@ def evaluate_checkpoint(
             (case,) = read_dataset(fmt, root, [cid])
             check_classes(case, model, source)
             image01 = to_model_range(case.image, model.intensity_policy, already=case.intensity)
-            labels, _ = model.segment(image01, stage=stage, batch_size=batch_size, precision=prec)
+            labels, _ = model.segment(
+                image01,
+                stage=stage,
+                batch_size=batch_size,
+                precision=prec,
+                postprocess=postprocess,
+            )
             assert case.label is not None  # checked above
             result = evaluate_case(
                 labels, case.label, model.num_classes, case.spacing, nsd_tolerance_mm

@@ -74,6 +74,7 @@ from hsam.inference import Stage, predict_volume
 from hsam.intensity import parse_policy, to_model_range
 from hsam.modeling.hsam import HSAM
 from hsam.overlay import render_overlay
+from hsam.postprocess import POSTPROCESS_CHOICES, postprocess_labels
 from hsam.volume_check import (
     DEFAULT_FACTOR,
     VolumeWarning,
@@ -106,6 +107,15 @@ def check_precision(precision: str) -> Precision:
     if precision not in ("fp32", "bf16"):
         raise ConfigError(f"precision must be 'fp32' or 'bf16', got {precision!r}.")
     return precision  # type: ignore[return-value]
+
+
+def check_postprocess(method: str) -> str:
+    """`method` if it names a post-processing (hsam.postprocess), else a ConfigError."""
+    if method not in POSTPROCESS_CHOICES:
+        raise ConfigError(
+            f"unknown post-processing {method!r}; choose one of {', '.join(POSTPROCESS_CHOICES)}."
+        )
+    return method
 
 
 def check_volume_factor(factor: float | None) -> float | None:
@@ -177,10 +187,13 @@ class InferenceModel:
         batch_size: int = 8,
         precision: Precision = "fp32",
         return_probabilities: bool = False,
+        postprocess: str = "none",
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Labels ``(D, H, W)`` (and probabilities ``(T, D, H, W)``) of a ``[0, 1]`` volume,
-        slice by slice along axis 0 (see :func:`hsam.inference.predict_volume`)."""
-        return predict_volume(
+        slice by slice along axis 0 (see :func:`hsam.inference.predict_volume`), then the
+        named post-processing of the labels (:mod:`hsam.postprocess`; probabilities as
+        predicted)."""
+        labels, probs = predict_volume(
             self.model,
             volume01,
             batch_size=batch_size,
@@ -188,6 +201,7 @@ class InferenceModel:
             precision=precision,
             return_probabilities=return_probabilities,
         )
+        return postprocess_labels(labels, self.num_classes, postprocess), probs
 
     @functools.cached_property
     def volume_ranges(self) -> dict[int, tuple[float, float]] | None:
@@ -449,6 +463,7 @@ def _write_one(
     precision: Precision,
     overwrite: bool,
     volume_factor: float | None = DEFAULT_FACTOR,
+    postprocess: str = "none",
 ) -> tuple[list[Path], list[VolumeWarning]]:
     vol = read_volume(target.input)
     image01 = to_model_range(vol.array, model.intensity_policy)
@@ -458,6 +473,7 @@ def _write_one(
         batch_size=batch_size,
         precision=precision,
         return_probabilities=target.probabilities is not None,
+        postprocess=postprocess,
     )
     dest_dir = target.labels.parent
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -505,6 +521,7 @@ def predict_files(
     intensity_policy: str | None = None,
     progress: bool = True,
     volume_factor: float | None = DEFAULT_FACTOR,
+    postprocess: str = "none",
 ) -> list[Path]:
     """Segment volume files with ``checkpoint`` and write label maps on the inputs' grids.
 
@@ -531,6 +548,9 @@ def predict_files(
             volume fraction is below ``min / factor`` or above ``max * factor`` of the
             training range stored in the checkpoint; None or 0 turns it off. Checkpoints
             without the range are not checked.
+        postprocess: ``"none"`` or ``"largest_component"`` (each class keeps its largest 3-D
+            connected component; :mod:`hsam.postprocess`). Applied to the labels only (the
+            probabilities are the model's).
 
     Returns:
         The files written, per input: label map, then probabilities and overlay if asked.
@@ -544,6 +564,7 @@ def predict_files(
     prec = check_precision(precision)
     batch_size = check_batch_size(batch_size)
     volume_factor = check_volume_factor(volume_factor)
+    check_postprocess(postprocess)
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     if not inputs:
@@ -586,6 +607,7 @@ def predict_files(
                 precision=prec,
                 overwrite=overwrite,
                 volume_factor=volume_factor,
+                postprocess=postprocess,
             )
             written += paths
             flagged += [(t.input, w) for w in found]
