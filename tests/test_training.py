@@ -493,3 +493,26 @@ def test_decoder_only_freezes_the_whole_encoder_and_caches_its_embedding(tiny_cf
         ).model.named_parameters()
         if p.requires_grad
     }
+
+
+class _CreatesAFileWhenUnpickled:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_resume_never_unpickles_code(tmp_path):
+    """A crafted last.pt in a shared run folder must not run anything on --resume."""
+    from hsam.engine.trainer import RESUME_FORMAT
+    from hsam.errors import CheckpointError
+
+    cfg = load_run_config(tiny_run_config(tmp_path))
+    run_training(cfg, tmp_path / "part", stop_after=1)
+    marker = tmp_path / "pwned"
+    last = tmp_path / "part" / "checkpoints" / "last.pt"
+    torch.save({"format": RESUME_FORMAT, "payload": _CreatesAFileWhenUnpickled(marker)}, last)
+    with pytest.raises(CheckpointError, match="not an hsam resume state"):
+        run_training(cfg, tmp_path / "part", resume=True)
+    assert not marker.exists()

@@ -61,10 +61,20 @@ class TrainResult:
 
 
 def _rng_state() -> dict[str, Any]:
+    """Every RNG's state as tensors and plain types, so `torch.load(weights_only=True)` reads
+    it back (no pickled numpy objects)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    version, internal, gauss_next = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {"version": int(version), "internal": list(internal), "gauss": gauss_next},
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -73,8 +83,18 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(
+        (
+            n["kind"],
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -285,8 +305,16 @@ class Trainer:
                 f"{path} does not exist: this run has no resume state yet; start it again "
                 "without --resume (after removing the folder) or point --out elsewhere."
             )
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state.get("format") != RESUME_FORMAT:
+        try:
+            # Never unpickle code: a shared run folder could hold a crafted last.pt.
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(
+                f"{path} is not an hsam resume state this version can read (it holds objects "
+                "other than tensors and plain values, or is damaged); nothing was loaded from "
+                "it. Start the run again in a new --out."
+            ) from exc
+        if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
             raise CheckpointError(f"{path} is not an hsam resume state.")
         load_trainable_state(self.model, state["state_dict"], source=str(path))
         self.optimizer.load_state_dict(state["optimizer"])
