@@ -447,6 +447,8 @@ def test_schedule_epoch_maps_the_run_onto_the_horizon():
     assert schedule_epoch(5, 1, 300) == pytest.approx(299.0)  # one-step run: clamps
     with pytest.raises(ValueError):
         schedule_epoch(0, 10, 0)
+    with pytest.raises(ConfigError, match="stage_weight_horizon"):
+        load_run_config(None, ["train.stage_weight_horizon=0"])
 
 
 def test_stage_weight_horizon_runs_the_whole_curve_in_a_short_run(tmp_path):

@@ -306,6 +306,13 @@ class TrainConfig:
     # in docs/benchmarks.md. Validation stays eager: its batch shapes differ.
     compile: bool = False
 
+    def __post_init__(self) -> None:
+        if self.stage_weight_horizon is not None and self.stage_weight_horizon < 1:
+            raise ConfigError(
+                f"train.stage_weight_horizon={self.stage_weight_horizon} must be >= 1 (the "
+                "number of schedule epochs a run is mapped onto), or null for per-epoch."
+            )
+
 
 @dataclass
 class RunConfig:
