@@ -114,6 +114,36 @@ def test_from_slice_files_synapse_and_acdc(tmp_path: Path) -> None:
         SliceDataset.from_slice_list("synapse", tmp_path, [], 8)
 
 
+def test_slice_files_intensity_policy_is_fitted_per_volume(tmp_path: Path) -> None:
+    """A percentile policy maps every slice of a volume with that volume's bounds (as the
+    whole volume is mapped at test time), not with each slice's own range."""
+    h5_dir = tmp_path / "data" / "slices"
+    h5_dir.mkdir(parents=True)
+    ramp = np.linspace(0.0, 1.0, 8 * 9, dtype=np.float32).reshape(8, 9)
+    scales = {"patient001_frame01": (0.5, 0.25), "patient002_frame01": (0.8, 0.8)}
+    ids = []
+    for frame, per_slice in scales.items():
+        for n, scale in enumerate(per_slice, start=1):
+            ids.append(f"{frame}_slice_{n}")
+            with h5py.File(h5_dir / f"{ids[-1]}.h5", "w") as f:
+                f["image"] = ramp * scale
+                f["label"] = np.ones((8, 9), np.uint8)
+    ds = SliceDataset.from_slice_list(
+        "acdc", tmp_path, ids, (8, 9), image_order=1, intensity=("percentile[0,100]", "minmax")
+    )
+    peaks = [float(ds[i]["image"].max()) for i in range(len(ds))]
+    # volume 1 spans [0, 0.5]: its slices peak at 1 and 0.5; volume 2 is stretched to 1
+    assert peaks == pytest.approx([1.0, 0.5, 1.0, 1.0], abs=1e-5)
+    plain = SliceDataset.from_slice_list("acdc", tmp_path, ids, (8, 9), image_order=1)
+    assert float(plain[1]["image"].max()) == pytest.approx(0.25, abs=1e-5)
+    with h5py.File(h5_dir / "patient001_frame01_slice_2.h5", "r+") as f:
+        f["image"][0, 0] = np.nan
+    with pytest.raises(DataError, match="patient001_frame01.*NaN"):
+        SliceDataset.from_slice_list(
+            "acdc", tmp_path, ids, 8, intensity=("percentile[0.5,99.5]", "minmax")
+        )
+
+
 def test_augmentation_per_sample_seeding() -> None:
     cases = [_case()]
     aug = Augmenter(0, p_rotate=1.0, p_scale=1.0, p_elastic=0.0)

@@ -518,3 +518,12 @@ def test_resume_never_unpickles_code(tmp_path):
     with pytest.raises(CheckpointError, match="not an hsam resume state"):
         run_training(cfg, tmp_path / "part", resume=True)
     assert not marker.exists()
+
+
+def test_data_intensity_policy_is_validated_and_stored_for_predict(tmp_path):
+    with pytest.raises(ConfigError, match="data.intensity.*unknown intensity policy"):
+        load_run_config(None, ["data.intensity=zscore"])
+    cfg_path = tiny_run_config(tmp_path, epochs=1)
+    run = run_training(load_run_config(cfg_path, ["data.intensity=minmax"]), tmp_path / "run")
+    meta = torch.load(run.run_dir / "checkpoints" / "final.pt", weights_only=True)["meta"]
+    assert meta["intensity_policy"] == "minmax"  # the format's default would be percentile

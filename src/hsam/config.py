@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
-from hsam.errors import ConfigError
+from hsam.errors import ConfigError, DataError
+from hsam.intensity import parse_policy
 
 BlockOrder = Literal["self_first", "cross_first"]
 CMAttnMode = Literal["paper", "reference", "off"]
@@ -208,6 +209,18 @@ class DataConfig:
     test_list: str | None = None
     # Foreground class count K; must match model.num_classes.
     num_classes: int = 1
+    # Model-input intensity policy (hsam.intensity), stored in the checkpoint and reapplied
+    # by predict/evaluate. null: the data's own (CT: ct_window[-125,275]; MR volumes:
+    # percentile[0.5,99.5]; ACDC slice files: minmax, as SSL4MIS prepared them). For slice
+    # files a percentile policy is computed over all listed slices of each volume.
+    intensity: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.intensity is not None:
+            try:
+                parse_policy(self.intensity)
+            except DataError as e:
+                raise ConfigError(f"data.intensity: {e}") from None
 
 
 @dataclass

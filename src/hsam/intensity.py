@@ -42,21 +42,34 @@ def policy_for(applied: str) -> str:
     return "minmax" if applied == "minmax" else DEFAULT_MR_POLICY
 
 
-def to_model_range(volume: np.ndarray, policy: str, *, already: str = "none") -> np.ndarray:
-    """float32 volume in [0, 1] following `policy`.
+def model_range_bounds(
+    values: np.ndarray, policy: str, *, already: str = "none"
+) -> tuple[float, float]:
+    """(low, high) such that clip((x - low) / (high - low), 0, 1) is `policy` applied to
+    the intensities `values` (a volume, or all the slices of one volume); see to_model_range.
 
     `already` is what a reader already did (Case.intensity): a CT window that matches the
     policy is not applied twice.
     """
     kind, lo, hi = parse_policy(policy)
-    volume = np.asarray(volume, dtype=np.float32)
-    if not np.isfinite(volume).all():
+    values = np.asarray(values, dtype=np.float32)
+    if not np.isfinite(values).all():
         raise DataError("the image contains NaN or infinite values; fix or mask them first.")
     if kind == "ct_window":
-        if already.startswith("ct_window"):
-            return np.clip(volume, 0.0, 1.0)
-        return ((np.clip(volume, lo, hi) - lo) / (hi - lo)).astype(np.float32)
-    low, high = np.percentile(volume, [lo, hi])
+        return (0.0, 1.0) if already.startswith("ct_window") else (lo, hi)
+    low, high = np.percentile(values, [lo, hi])
+    return float(low), float(high)
+
+
+def apply_bounds(volume: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
+    """float32 clip((volume - low) / (high - low), 0, 1); all zeros when high <= low."""
+    low, high = bounds
+    volume = np.asarray(volume, dtype=np.float32)
     if high <= low:
         return np.zeros_like(volume)
     return ((np.clip(volume, low, high) - low) / (high - low)).astype(np.float32)
+
+
+def to_model_range(volume: np.ndarray, policy: str, *, already: str = "none") -> np.ndarray:
+    """float32 volume in [0, 1] following `policy` (see model_range_bounds)."""
+    return apply_bounds(volume, model_range_bounds(volume, policy, already=already))

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from hsam.data.augment import Augmenter
 from hsam.data.case import Case
 from hsam.errors import DataError
+from hsam.intensity import apply_bounds, model_range_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,23 @@ def _read_slice_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     raise DataError(f"{path}: unknown slice file type; expected .npz (Synapse) or .h5 (ACDC).")
 
 
+def _volume_bounds(
+    files: Sequence[Path], policy: str, already: str
+) -> dict[str, tuple[float, float]]:
+    """Intensity bounds of `policy` per volume, over all of that volume's slice files."""
+    groups: dict[str, list[Path]] = {}
+    for p in files:
+        groups.setdefault(parse_slice_id(p.name.split(".")[0])[0], []).append(p)
+    bounds = {}
+    for case_id, group in groups.items():
+        values = np.concatenate([_read_slice_file(p)[0].ravel() for p in group])
+        try:
+            bounds[case_id] = model_range_bounds(values, policy, already=already)
+        except DataError as e:
+            raise DataError(f"volume {case_id} ({group[0].parent}): {e}") from None
+    return bounds
+
+
 class SliceDataset(Dataset):
     """2-D training slices of a few-shot split.
 
@@ -153,6 +171,8 @@ class SliceDataset(Dataset):
         self.epoch = 0
         self._cases: list[Case] = list(cases)
         self._files: list[Path] = []
+        # (low, high) intensity bounds per case id, applied to slice files (from_slice_files)
+        self._bounds: dict[str, tuple[float, float]] = {}
         self._items: list[tuple[str, int, int]] = []  # (case_id, slice_index, source index)
         wanted = None if slice_ids is None else {parse_slice_id(s) for s in slice_ids}
         for ci, case in enumerate(self._cases):
@@ -190,16 +210,25 @@ class SliceDataset(Dataset):
         size: int | tuple[int, int] = 512,
         *,
         foreground_only: bool = False,
+        intensity: tuple[str, str] | None = None,
         **kwargs: Any,
     ) -> SliceDataset:
         """Dataset over 2-D slice files: Synapse ``caseXXXX_sliceNNN.npz`` or ACDC
         ``<frame>_slice_N.h5``. Files are read lazily per item (and once at construction
-        when ``foreground_only``). ``kwargs`` as in the constructor."""
+        when ``foreground_only`` or ``intensity``). ``kwargs`` as in the constructor.
+
+        ``intensity``: ``(policy, already)`` of :func:`hsam.intensity.model_range_bounds`,
+        fitted once per volume over all of its given slices (before the foreground filter),
+        so the slices of a volume share one mapping as the whole volume does at test time.
+        """
         ds = cls((), size, **kwargs)
-        for p in paths:
-            p = Path(p)
+        files = [Path(p) for p in paths]
+        for p in files:
             if not p.is_file():
                 raise DataError(f"slice file {p} does not exist; check the root and split list.")
+        if intensity is not None:
+            ds._bounds = _volume_bounds(files, *intensity)
+        for p in files:
             case_id, index = parse_slice_id(p.name.split(".")[0])
             if foreground_only and not _read_slice_file(p)[1].any():
                 continue
@@ -302,6 +331,8 @@ class SliceDataset(Dataset):
         index %= len(self)
         case_id, d, _ = self._items[index]
         image, label = self.raw_slice(index)
+        if case_id in self._bounds:
+            image = apply_bounds(image, self._bounds[case_id])
         if self.augment is not None:
             if isinstance(self.augment, Augmenter) and self.seed is not None:
                 # one generator per (seed, epoch, sample): independent of worker count/order

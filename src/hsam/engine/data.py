@@ -127,7 +127,7 @@ def build_run_data(data: DataConfig, train: TrainConfig, image_size: int) -> Run
                 f"data.train_slices_list works with slice files (synapse, acdc), not "
                 f"{data.format!r}; use data.train_list / train_cases instead."
             )
-        policy = policy_for(applied)
+        policy = data.intensity or policy_for(applied)
         dataset = SliceDataset.from_slice_list(
             data.format,
             data.root,
@@ -136,6 +136,8 @@ def build_run_data(data: DataConfig, train: TrainConfig, image_size: int) -> Run
             augment=augment,
             seed=train.seed,
             foreground_only=data.foreground_only,
+            # the files hold the format's own mapping; another policy is refitted per volume
+            intensity=(policy, applied) if data.intensity else None,
         )
         how = f"first {len(slice_ids)} lines of {Path(data.train_slices_list).name}"
         sources = [list_path(data.train_slices_list)]
@@ -152,7 +154,7 @@ def build_run_data(data: DataConfig, train: TrainConfig, image_size: int) -> Run
         cases = read_dataset(data.format, data.root, train_ids + val_ids)
         for case in cases:
             case.validate(data.num_classes)
-        policy = policy_for(cases[0].intensity)
+        policy = data.intensity or policy_for(cases[0].intensity)
         cases = [prepare_case(c, policy) for c in cases]
         train_cases = cases[: len(train_ids)]
         val_cases = cases[len(train_ids) :]
