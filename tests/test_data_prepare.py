@@ -128,13 +128,13 @@ def test_prepare_synapse_transunet_order_and_fraction(tmp_path: Path) -> None:
 def test_prepare_refuses_existing_dst_and_overlap(tmp_path: Path) -> None:
     _raw_synapse(tmp_path / "src", (5,))
     dst = tmp_path / "out"
-    dst.mkdir()
-    (dst / "keep.txt").write_text("user data")
+    prepare("synapse_raw", tmp_path / "src", dst)
     with pytest.raises(OutputExistsError, match="already exists.*overwrite"):
         prepare("synapse_raw", tmp_path / "src", dst)
-    assert (dst / "keep.txt").read_text() == "user data"
+    # an earlier prepare output is replaced with --overwrite
+    (dst / "train_npz" / "stale.npz").write_bytes(b"old")
     res = prepare("synapse_raw", tmp_path / "src", dst, overwrite=True)
-    assert not (dst / "keep.txt").exists() and (dst / "train_npz").is_dir()
+    assert not (dst / "train_npz" / "stale.npz").exists() and (dst / "train_npz").is_dir()
     assert res.manifest["test"] == []
     with pytest.raises(DataError, match="overlaps the source"):
         prepare("synapse_raw", tmp_path / "src", tmp_path / "src" / "out", overwrite=True)
@@ -143,10 +143,85 @@ def test_prepare_refuses_existing_dst_and_overlap(tmp_path: Path) -> None:
     assert (tmp_path / "src" / "RawData").is_dir()
 
 
+def test_overwrite_replaces_only_an_earlier_prepare_output(tmp_path: Path) -> None:
+    _raw_synapse(tmp_path / "src", (5,))
+    # a folder of the user's own files
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("user data")
+    with pytest.raises(DataError, match=r"mine is not an hsam prepare output.*move or delete"):
+        prepare("synapse_raw", tmp_path / "src", mine, overwrite=True)
+    assert (mine / "keep.txt").read_text() == "user data"
+    # a plain file
+    note = tmp_path / "notes.txt"
+    note.write_text("user data")
+    with pytest.raises(DataError, match=r"notes\.txt is a file, not an earlier hsam prepare"):
+        prepare("synapse_raw", tmp_path / "src", note, overwrite=True)
+    assert note.read_text() == "user data"
+    # an earlier output to which the user added a file of their own
+    dst = tmp_path / "out"
+    prepare("synapse_raw", tmp_path / "src", dst)
+    (dst / "my_notes.md").write_text("user data")
+    with pytest.raises(DataError, match=r"also holds \['my_notes\.md'\]"):
+        prepare("synapse_raw", tmp_path / "src", dst, overwrite=True)
+    assert (dst / "my_notes.md").read_text() == "user data"
+    # a marker that is not hsam's
+    (dst / "my_notes.md").unlink()
+    (dst / "hsam_prepare.json").write_text('{"kind": "something else", "contents": []}')
+    with pytest.raises(DataError, match="not an hsam prepare output"):
+        prepare("synapse_raw", tmp_path / "src", dst, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["mine", "notes.txt", "out", "src"]  # no leftovers
+
+
+def test_prepare_output_permissions_follow_umask(tmp_path: Path) -> None:
+    _raw_synapse(tmp_path / "src", (5,))
+    mask = os.umask(0o022)
+    try:
+        res = prepare("synapse_raw", tmp_path / "src", tmp_path / "out")
+    finally:
+        os.umask(mask)
+    assert res.dst.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+    assert (res.dst / "train_npz").stat().st_mode & 0o777 == 0o755
+    assert (res.dst / "dataset.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_prepare_refuses_damaged_sources(tmp_path: Path) -> None:
+    """The synapse_raw path reads through the same checks as every command: a truncated
+    volume, NaN voxels in a NIfTI, and a label on another grid are refused, naming the file."""
+    _raw_synapse(tmp_path / "src", (5, 6))
+    img = tmp_path / "src" / "RawData" / "Training" / "img" / "img0006.nii.gz"
+    lab = tmp_path / "src" / "RawData" / "Training" / "label" / "label0006.nii.gz"
+    good_img, good_lab = img.read_bytes(), lab.read_bytes()
+    raw = nib.load(str(img))
+    data = np.asarray(raw.dataobj).astype(np.float32)
+    # uncompressed: ITK zero-fills a cut .nii without a word
+    for path in (img, lab):
+        nib.save(nib.load(str(path)), str(path.with_suffix("")))
+        path.unlink()
+    cut = img.with_suffix("")
+    cut.write_bytes(cut.read_bytes()[:-100])
+    with pytest.raises(DataError, match=r"img0006\.nii: it is truncated"):
+        prepare("synapse_raw", tmp_path / "src", tmp_path / "out")
+    cut.unlink()
+    lab.with_suffix("").unlink()
+    lab.write_bytes(good_lab)
+    data[1, 2, 0] = np.nan
+    nib.save(nib.Nifti1Image(data, raw.affine), str(img))
+    with pytest.raises(DataError, match=r"img0006\.nii\.gz: image contains 1 NaN/inf"):
+        prepare("synapse_raw", tmp_path / "src", tmp_path / "out")
+    img.write_bytes(good_img)
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(lab)))
+    _write(lab, arr, (0.7, 0.7, 2.5))
+    with pytest.raises(DataError, match=r"label0006\.nii\.gz: the label's geometry.*spacing"):
+        prepare("synapse_raw", tmp_path / "src", tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
 def test_prepare_failure_leaves_nothing(tmp_path: Path) -> None:
     _raw_synapse(tmp_path / "src", (5, 6))
     bad = np.full(SHAPE, 20, np.uint8)
-    _write(tmp_path / "src" / "RawData" / "Training" / "label" / "label0006.nii.gz", bad, (1, 1, 1))
+    label = tmp_path / "src" / "RawData" / "Training" / "label" / "label0006.nii.gz"
+    _write(label, bad, (0.7, 0.7, 3.0))
     with pytest.raises(DataError, match=r"label0006.*\[20\].*0\.\.13"):
         prepare("synapse_raw", tmp_path / "src", tmp_path / "out")
     assert sorted(os.listdir(tmp_path)) == ["src"]  # no dst, no partial folder

@@ -251,14 +251,15 @@ def _class_names(case: Case, model: InferenceModel) -> dict[int, str]:
 
 
 def _geometry(case: Case) -> Geometry:
+    """The case's grid for :func:`~hsam.imageio.write_label_volume` (the writer of ``predict``);
+    with the source's NIfTI-1 header, so a saved prediction keeps its qform/sform."""
     geo = Geometry.default(case.image.shape, case.spacing)
-    if case.origin is None and case.direction is None:
-        return geo
     return Geometry(
         size=geo.size,
         spacing=geo.spacing,
         origin=tuple(case.origin) if case.origin is not None else geo.origin,  # type: ignore[arg-type]
         direction=tuple(case.direction) if case.direction is not None else geo.direction,
+        nifti_header=case.nifti_header,
     )
 
 

@@ -224,6 +224,17 @@ def _ensure_3d(image: sitk.Image, path: Path) -> sitk.Image:
     return image
 
 
+def check_finite(array: np.ndarray, where: str) -> None:
+    """Refuse an image with NaN or infinite voxels; ``where`` (the file) starts the message."""
+    finite = np.isfinite(array)
+    if not finite.all():
+        n_bad = int(finite.size - np.count_nonzero(finite))
+        raise DataError(
+            f"{where}: image contains {n_bad} NaN/inf voxel(s). Fix or re-export the volume "
+            "(e.g. replace NaN by the background value) before using it."
+        )
+
+
 def _stored_bytes(path: Path) -> int:
     """Bytes of NIfTI data on disk (decompressed for ``.nii.gz``).
 
@@ -244,20 +255,52 @@ def _stored_bytes(path: Path) -> int:
     return total
 
 
-def _nifti_header_bytes(path: Path, image: sitk.Image) -> bytes | None:
-    """The NIfTI-1 header of ``path`` if nibabel reads it and agrees on the voxel grid.
+def _refuse_nifti2(path: Path, header: nib.spatialimages.SpatialHeader) -> None:
+    if isinstance(header, nib.Nifti2Header):
+        raise DataError(
+            f"{path} is a NIfTI-2 file, a format hsam does not support (SimpleITK reads only "
+            "NIfTI-1); convert it to NIfTI-1, e.g. in Python: nib.save(nib.Nifti1Image."
+            "from_image(nib.load(path)), 'out.nii.gz'), or save it as .nrrd/.mha"
+        )
 
-    Also checks that the file holds every voxel its header announces (DataError if not)."""
+
+def refuse_unsupported_nifti(path: str | os.PathLike) -> None:
+    """Refuse a NIfTI-2 file with a clear message, reading only its header (SimpleITK's own
+    error calls it corrupt). Other files, and files nibabel cannot parse, pass."""
+    path = Path(path)
+    if _FORMATS.get(volume_extension(path)) != "nifti" or not path.is_file():
+        return
+    try:
+        header = nib.load(str(path)).header
+    except Exception:  # nibabel raises many types on odd files; the full read reports them
+        return
+    _refuse_nifti2(path, header)
+
+
+def _check_nifti(path: Path) -> nib.spatialimages.SpatialImage | None:
+    """Checks ITK's NIfTI reader does not make, done with nibabel before ITK reads the file.
+
+    ITK zero-fills a truncated file and turns NaN/inf voxels into 0 without a word, and it
+    cannot read NIfTI-2 at all (its error reads like a corrupt file). Returns the nibabel
+    image (header and lazy data), or None when nibabel cannot read the file (ITK may).
+
+    Raises:
+        DataError: NIfTI-2, a truncated file or gzip stream, NaN/inf voxels (naming ``path``).
+    """
     total = _stored_bytes(path)
     try:
         img = nib.load(str(path))
-    except Exception as exc:  # nibabel raises many types on odd files; SimpleITK read it
+    except Exception as exc:  # nibabel raises many types on odd files; SimpleITK may read it
         logger.warning(
             "nibabel cannot read the header of %s (%s); geometry from SimpleITK only", path, exc
         )
         return None
     header = img.header
-    needed = int(header.get_data_offset()) + int(
+    _refuse_nifti2(path, header)
+    # the proxy's offset, not the header's: a single-file NIfTI may store vox_offset 0 while
+    # its data start after the 352 header bytes
+    offset = getattr(img.dataobj, "offset", header.get_data_offset())
+    needed = int(offset) + int(
         np.prod(header.get_data_shape(), dtype=np.int64) * header.get_data_dtype().itemsize
     )
     if total < needed:
@@ -265,20 +308,97 @@ def _nifti_header_bytes(path: Path, image: sitk.Image) -> bytes | None:
             f"cannot read {path}: it is truncated ({total} bytes of data where the header "
             f"announces {needed}); re-export or re-copy the file"
         )
-    if type(header) is not nib.Nifti1Header:
+    if header.get_data_dtype().kind in "fc":
+        check_finite(np.asanyarray(img.dataobj), str(path))
+    return img
+
+
+def _nifti_header_bytes(
+    nifti: nib.spatialimages.SpatialImage, image: sitk.Image, path: Path
+) -> bytes | None:
+    """The NIfTI-1 header of ``path`` if nibabel agrees with SimpleITK on the voxel grid."""
+    if type(nifti.header) is not nib.Nifti1Header:
         return None
-    shape = tuple(int(s) for s in img.shape)
+    shape = tuple(int(s) for s in nifti.shape)
+    size = tuple(int(s) for s in image.GetSize())
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
-    if shape != tuple(image.GetSize()):
+    while len(size) > 3 and size[-1] == 1:
+        size = size[:-1]
+    if shape != size:
         logger.warning(
             "nibabel shape %s != SimpleITK size %s for %s; not copying the header",
             shape,
-            image.GetSize(),
+            size,
             path,
         )
         return None
-    return bytes(header.binaryblock)
+    return bytes(nifti.header.binaryblock)
+
+
+#: Largest relative deviation of one slice step from the series' median step (DICOM).
+DICOM_STEP_TOLERANCE = 0.05
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _refuse_unread_dicom_files(folder: Path, files: Sequence[str]) -> None:
+    """GDCM silently leaves out a slice file it cannot parse (e.g. a truncated copy), and ITK
+    then stacks the rest as if nothing were missing: refuse DICOM files outside the series."""
+    listed = {Path(f).resolve() for f in files}
+    left_out = sorted(
+        e.name
+        for e in folder.iterdir()
+        if e.is_file()
+        and not e.name.startswith(".")
+        and e.name.upper() != "DICOMDIR"
+        and e.resolve() not in listed
+        and _has_dicom_preamble(e)
+    )
+    if left_out:
+        raise DataError(
+            f"the DICOM series in {folder} leaves out {len(left_out)} DICOM file(s) that cannot "
+            f"be read as part of it ({', '.join(left_out[:5])}{' ...' if len(left_out) > 5 else ''}"
+            "): truncated or damaged slices? Replace them with complete copies of the series "
+            "(or move files of other series out of the folder)"
+        )
+
+
+def _refuse_slice_gaps(folder: Path, image: sitk.Image, reader: sitk.ImageSeriesReader) -> None:
+    """Refuse uneven slice positions: ITK averages the spacing over a gap (a missing slice)
+    and the volume is silently stretched."""
+    n = image.GetDepth()
+    if n < 2:
+        return
+    positions = []
+    for i in range(n):
+        if not reader.HasMetaDataKey(i, "0020|0032"):
+            logger.debug(
+                "%s: slice %d has no ImagePositionPatient; positions not checked", folder, i
+            )
+            return
+        try:
+            positions.append([float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")])
+        except ValueError:
+            return
+    d = image.GetDirection()
+    normal = np.array([d[2], d[5], d[8]])  # the slice axis (third column)
+    depth = np.asarray(positions, dtype=np.float64) @ normal
+    steps = np.abs(np.diff(depth))
+    typical = float(np.median(steps))
+    worst = int(np.argmax(np.abs(steps - typical)))
+    if typical <= 0 or abs(steps[worst] - typical) > DICOM_STEP_TOLERANCE * typical:
+        raise DataError(
+            f"the DICOM series in {folder} has uneven slice positions: slices {worst + 1} and "
+            f"{worst + 2} of {n} are {steps[worst]:.4g} mm apart where the median step is "
+            f"{typical:.4g} mm (a missing or duplicated slice?); restore the complete series"
+        )
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
@@ -297,15 +417,76 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
             "its own folder and pass those folders"
         )
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), ids[0])
+    _refuse_unread_dicom_files(folder, files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()  # per-slice positions for the gap check
     try:
-        return reader.Execute()
+        image = reader.Execute()
     except RuntimeError as exc:
         raise DataError(
             f"cannot read the DICOM series in {folder}: {_itk_message(exc)}; check that every "
             "slice is complete and belongs to the same series"
         ) from exc
+    _refuse_slice_gaps(folder, image, reader)
+    return image
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """An image as :func:`read_image` read it, before any reshaping.
+
+    Attributes:
+        image: the SimpleITK image, any dimension.
+        source_format: ``"nifti"``, ``"metaimage"``, ``"nrrd"`` or ``"dicom"``.
+        nifti_header: the raw NIfTI-1 header when nibabel agrees on the grid, else None.
+    """
+
+    image: sitk.Image
+    source_format: str
+    nifti_header: bytes | None = field(default=None, repr=False)
+
+
+def read_image(path: str | os.PathLike) -> ImageFile:
+    """Read a volume file or DICOM folder with every integrity check: the one reading path of
+    every command (``predict`` through :func:`read_volume`; ``train``, ``evaluate`` and
+    ``prepare`` through :mod:`hsam.data.readers`).
+
+    Refused with a :class:`DataError` naming the file: a missing path, an unsupported
+    extension, NIfTI-2, a truncated or corrupt file, NaN/inf voxels, a DICOM series with
+    unreadable slices or uneven slice positions. The image keeps its dimension (2-D, 4-D and
+    vector images are for the caller to accept or refuse).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path} does not exist; check the path")
+    if path.is_dir():
+        return ImageFile(image=_read_dicom_series(path), source_format="dicom")
+    if path.name.lower().endswith(".nhdr"):  # detached NRRD header (nnU-Net datasets); read only
+        ext, fmt = ".nhdr", "nrrd"
+    else:
+        ext = _require_extension(path, "input")
+        fmt = _FORMATS[ext]
+    nifti = _check_nifti(path) if fmt == "nifti" else None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        hint = " (the data file named in a .mhd must sit next to it)" if ext == ".mhd" else ""
+        raise DataError(
+            f"cannot read {path}: {_itk_message(exc)}; the file is corrupt, truncated or "
+            f"not a valid {fmt} volume{hint}"
+        ) from exc
+    if fmt != "nifti" and image.GetPixelID() in _FLOAT_PIXEL_IDS:
+        check_finite(sitk.GetArrayViewFromImage(image), str(path))
+    header = _nifti_header_bytes(nifti, image, path) if nifti is not None else None
+    return ImageFile(image=image, source_format=fmt, nifti_header=header)
+
+
+_FLOAT_PIXEL_IDS = frozenset(
+    {sitk.sitkFloat32, sitk.sitkFloat64, sitk.sitkVectorFloat32, sitk.sitkVectorFloat64}
+)
 
 
 def read_volume(path: str | os.PathLike) -> Volume:
@@ -321,32 +502,17 @@ def read_volume(path: str | os.PathLike) -> Volume:
         has size 1 is read as 3-D.
 
     Raises:
-        DataError: missing path, unsupported extension, unreadable or corrupt file (naming it),
-            a 2-D or genuinely 4-D image, or a vector/colour image.
+        DataError: everything :func:`read_image` refuses, a 2-D or genuinely 4-D image, or a
+            vector/colour image.
     """
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path} does not exist; check the path")
-    if path.is_dir():
-        image = _read_dicom_series(path)
-        fmt = "dicom"
-    else:
-        ext = _require_extension(path, "input")
-        fmt = _FORMATS[ext]
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        try:
-            image = reader.Execute()
-        except RuntimeError as exc:
-            hint = " (the data file named in a .mhd must sit next to it)" if ext == ".mhd" else ""
-            raise DataError(
-                f"cannot read {path}: {_itk_message(exc)}; the file is corrupt, truncated or "
-                f"not a valid {fmt} volume{hint}"
-            ) from exc
-    image = _ensure_3d(image, path)
-    header = _nifti_header_bytes(path, image) if fmt == "nifti" else None
+    read = read_image(path)
+    image = _ensure_3d(read.image, path)
     geometry = Geometry.from_image(
-        image, source_format=fmt, source_path=str(path), nifti_header=header
+        image,
+        source_format=read.source_format,
+        source_path=str(path),
+        nifti_header=read.nifti_header,
     )
     try:
         array = sitk.GetArrayFromImage(image)

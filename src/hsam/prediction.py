@@ -65,6 +65,7 @@ from hsam.imageio import (
     list_inputs,
     read_volume,
     refuse_existing,
+    refuse_unsupported_nifti,
     safe_output_path,
     volume_extension,
     write_label_volume,
@@ -330,6 +331,7 @@ def _check_header(path: Path) -> None:
     Only the header is read; DICOM folders are checked when they are read."""
     if path.is_dir():
         return
+    refuse_unsupported_nifti(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:

@@ -43,6 +43,8 @@ class Case:
         source: path the case was read from.
         origin: physical origin in SimpleITK ``(x, y, z)`` order, where the source has one.
         direction: SimpleITK direction cosines (9 floats, row-major), where the source has one.
+        nifti_header: the raw NIfTI-1 header of a NIfTI source, so that label maps written on
+            this grid keep its qform/sform (see :mod:`hsam.imageio`); None otherwise.
     """
 
     case_id: str
@@ -54,6 +56,7 @@ class Case:
     source: str = ""
     origin: tuple[float, float, float] | None = None
     direction: tuple[float, ...] | None = None
+    nifti_header: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:

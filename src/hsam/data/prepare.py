@@ -17,7 +17,8 @@
 Both write ``splits/{train,val,test}.txt`` (plus ``train_slices.txt`` for slice-level
 selections) and ``split_manifest.json``. ``dst`` is built in a temporary sibling folder and moved
 into place with ``os.replace``, so it is either complete or absent; an existing ``dst`` is
-refused unless ``overwrite=True``.
+refused unless ``overwrite=True``, and even then unless an earlier ``prepare`` wrote it
+(recognised by :data:`PREPARE_MARKER`).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,15 +38,16 @@ from typing import Any
 
 import numpy as np
 
+import hsam
 from hsam.atomic import atomic_output
 from hsam.data.case import Case
 from hsam.data.readers import (
     SYNAPSE_LABELS_SAMED,
     SYNAPSE_LABELS_TRANSUNET,
-    _check_finite,
     _read_sitk,
     _sitk_geometry,
     _to_label,
+    check_label_grid,
     ct_window,
     ct_window_spec,
     list_cases,
@@ -70,6 +72,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "PREPARE_FORMATS",
+    "PREPARE_MARKER",
     "PrepareResult",
     "SYNAPSE_REMAP",
     "SYNAPSE_REMAP_TRANSUNET",
@@ -119,7 +122,7 @@ def remap_labels(label: np.ndarray, mapping: dict[int, int], where: str = "label
 
 def save_case_npz(path: str | Path, case: Case) -> None:
     """Write a case as ``.npz`` (image float32 ``(D, H, W)``, label uint8, spacing, label names
-    as JSON, intensity, source, origin/direction when known), atomically."""
+    as JSON, intensity, source, origin/direction and the NIfTI-1 header when known), atomically."""
     arrays: dict[str, Any] = {
         "image": np.asarray(case.image, dtype=np.float32),
         "spacing": np.asarray(case.spacing, dtype=np.float64),
@@ -133,6 +136,8 @@ def save_case_npz(path: str | Path, case: Case) -> None:
         arrays["origin"] = np.asarray(case.origin, dtype=np.float64)
     if case.direction is not None:
         arrays["direction"] = np.asarray(case.direction, dtype=np.float64)
+    if case.nifti_header is not None:  # evaluate's saved predictions keep the source's qform/sform
+        arrays["nifti_header"] = np.frombuffer(case.nifti_header, dtype=np.uint8)
     buf = io.BytesIO()
     # an .npz is a zip of .npy members; deflate level 1 is several times faster than numpy's
     # savez_compressed (level 6) for about the same size on images
@@ -160,6 +165,12 @@ def _save_h5_volume(path: Path, image: np.ndarray, label: np.ndarray) -> None:
 # --------------------------------------------------------------------------- destination
 
 
+#: Written into every ``hsam prepare`` output: what it is and which top-level entries hsam
+#: wrote, so that ``--overwrite`` replaces only such a folder.
+PREPARE_MARKER = "hsam_prepare.json"
+_MARKER_KIND = "hsam prepare output"
+
+
 def _check_dst(src: Path, dst: Path, overwrite: bool) -> None:
     if not src.exists():
         raise DataError(f"source {src} does not exist; check the path.")
@@ -168,11 +179,49 @@ def _check_dst(src: Path, dst: Path, overwrite: bool) -> None:
         raise DataError(
             f"destination {dst} overlaps the source {src}; choose a folder outside the source."
         )
-    if dst.exists() and not overwrite:
+    if not (dst.exists() or dst.is_symlink()):
+        return
+    if not overwrite:
         raise OutputExistsError(
             f"destination {dst} already exists; choose a new folder or pass overwrite=True "
-            "(--overwrite) to replace it."
+            "(--overwrite) to replace an earlier hsam prepare output there."
         )
+    _refuse_foreign_dst(dst)
+
+
+def _refuse_foreign_dst(dst: Path) -> None:
+    """``--overwrite`` deletes the old ``dst``: allow it only for a folder hsam prepare wrote
+    (its :data:`PREPARE_MARKER`) that holds nothing else at the top level."""
+    what = "to replace it, move or delete it yourself, or choose another destination"
+    if dst.is_symlink() or not dst.is_dir():
+        raise DataError(
+            f"destination {dst} is {'a link' if dst.is_symlink() else 'a file'}, not an earlier "
+            f"hsam prepare output, so --overwrite does not replace it; {what}."
+        )
+    marker = dst / PREPARE_MARKER
+    try:
+        recorded = json.loads(marker.read_text())
+        written = set(recorded["contents"]) if recorded.get("kind") == _MARKER_KIND else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        written = None
+    if written is None:
+        raise DataError(
+            f"destination {dst} is not an hsam prepare output (no valid {PREPARE_MARKER}), so "
+            f"--overwrite does not replace it; {what}."
+        )
+    foreign = sorted(e.name for e in dst.iterdir() if e.name not in written)
+    if foreign:
+        raise DataError(
+            f"destination {dst} is an hsam prepare output but also holds {foreign[:5]}"
+            f"{' ...' if len(foreign) > 5 else ''}, which hsam did not write, so --overwrite "
+            "does not replace it; move those elsewhere first, or choose another destination."
+        )
+
+
+def _write_marker(out: Path) -> None:
+    contents = sorted([*(e.name for e in out.iterdir()), PREPARE_MARKER])
+    record = {"kind": _MARKER_KIND, "hsam_version": hsam.__version__, "contents": contents}
+    atomic_write_text(out / PREPARE_MARKER, json.dumps(record, indent=2) + "\n")
 
 
 def _commit_dir(tmp: Path, dst: Path) -> None:
@@ -307,7 +356,9 @@ def prepare(
             ``n_val == 0``.
         test_ids: test cases; default: Synapse's 12 TransUNet cases, LA's ``test.list``,
             otherwise none.
-        overwrite: replace an existing ``dst``.
+        overwrite: replace an existing ``dst`` that an earlier :func:`prepare` wrote (its
+            :data:`PREPARE_MARKER` lists everything at its top level); anything else there
+            is refused, never deleted.
         label_order: ``synapse_raw`` only: ``"samed"`` (:data:`SYNAPSE_REMAP`, default, what
             H-SAM used) or ``"transunet"`` (:data:`SYNAPSE_REMAP_TRANSUNET`).
         progress: optional ``f(done, total, case_id)`` called after each case.
@@ -317,7 +368,8 @@ def prepare(
 
     Raises:
         OutputExistsError: ``dst`` exists and ``overwrite`` is False.
-        DataError: unreadable or inconsistent data, unknown split names, empty splits.
+        DataError: ``overwrite`` and ``dst`` is not an earlier prepare output; unreadable or
+            inconsistent data, unknown split names, empty splits.
     """
     key = format.strip().lower()
     if key not in PREPARE_FORMATS:
@@ -327,7 +379,9 @@ def prepare(
     if key == "synapse" and _is_synapse_raw(src):
         key = "synapse_raw"
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    # mkdir, not mkdtemp: the output gets the usual permissions (umask), not 0700
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
     try:
         if key == "synapse_raw":
             result = _prepare_synapse_raw(
@@ -351,6 +405,7 @@ def prepare(
                 test_ids=test_ids,
                 progress=progress,
             )
+        _write_marker(tmp)
         _commit_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -577,13 +632,13 @@ def _prepare_synapse_raw(
     order = [*pool, *test]
     for done, cid in enumerate(order, 1):
         img_path, lab_path = pairs[cid]
-        raw, img = _read_sitk(img_path)
-        lab_raw, lab_img = _read_sitk(lab_path)
+        raw, img, _ = _read_sitk(img_path)
+        lab_raw, lab_img, _ = _read_sitk(lab_path)
         if raw.ndim != 3 or lab_raw.shape != raw.shape:
             raise DataError(
                 f"{img_path}: image {raw.shape} and label {lab_raw.shape} must be equal 3-D shapes."
             )
-        _check_finite(raw, str(img_path))
+        check_label_grid(img_path, _sitk_geometry(img), lab_path, _sitk_geometry(lab_img))
         lab = _to_label(lab_raw, str(lab_path))
         bad = sorted(
             set(np.flatnonzero(np.bincount(lab.ravel(), minlength=256)).tolist()) - set(range(14))

@@ -37,6 +37,7 @@ import numpy as np
 from hsam.data.case import Case
 from hsam.data.slices import parse_slice_id, synapse_slice_dir
 from hsam.errors import DataError
+from hsam.imageio import check_finite, read_image
 
 logger = logging.getLogger(__name__)
 
@@ -179,20 +180,36 @@ def apply_intensity(x: np.ndarray, spec: str) -> np.ndarray:
 # --------------------------------------------------------------------------- helpers
 
 
+def check_case_id(case_id: str, where: str) -> str:
+    """Refuse an id that is a path: ids name files and folders inside the dataset root, and
+    one like ``../../x`` or ``/etc/x`` would make a reader open a file outside it.
+
+    Raises:
+        DataError: an id with ``/``, ``\\`` or a NUL byte, or ``.``/``..``, naming ``where``.
+    """
+    if case_id in (".", "..") or any(c in case_id for c in "/\\\0"):
+        raise DataError(
+            f"{where}: id {case_id!r} is a path, not a case or slice id; ids name files inside "
+            "the dataset root and may not contain '/', '\\' or be '.' or '..'. Fix the list."
+        )
+    return case_id
+
+
 def read_list(path: str | Path) -> list[str]:
     """Read a list file: one id a line; blank lines and ``#`` comments are ignored.
 
     Raises:
-        DataError: if the file is missing or lists no id.
+        DataError: if the file is missing, lists no id, or an id is a path
+            (:func:`check_case_id`).
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"list file {path} does not exist; check the dataset root or list name.")
     ids = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_text().splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if line:
-            ids.append(line)
+            ids.append(check_case_id(line, f"list file {path} line {number}"))
     if not ids:
         raise DataError(f"list file {path} is empty; it must name at least one case or slice.")
     return ids
@@ -202,16 +219,6 @@ def _require_file(path: Path, what: str) -> Path:
     if not path.is_file():
         raise DataError(f"{what} {path} does not exist; check the dataset root and the case id.")
     return path
-
-
-def _check_finite(arr: np.ndarray, where: str) -> None:
-    finite = np.isfinite(arr)
-    if not finite.all():
-        n_bad = int(finite.size - np.count_nonzero(finite))
-        raise DataError(
-            f"{where}: image contains {n_bad} NaN/inf voxel(s). Fix or re-export the volume "
-            "(e.g. replace NaN by the background value) before using it."
-        )
 
 
 def _to_label(arr: np.ndarray, where: str) -> np.ndarray:
@@ -270,7 +277,7 @@ def _resolve_ids(ids: Iterable[str] | None, default: Callable[[], list[str]]) ->
         out = list(ids)
     if not out:
         raise DataError("no case ids to read (the id list is empty); name at least one case.")
-    return out
+    return [check_case_id(str(i), "case ids to read") for i in out]
 
 
 def _dataset_json(root: Path) -> dict | None:
@@ -335,7 +342,7 @@ def read_synapse_slice(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(
             f"{path}: image {image.shape} and label {label.shape} must be equal 2-D shapes."
         )
-    _check_finite(image, str(path))
+    check_finite(image, str(path))
     return image, _to_label(label, str(path))
 
 
@@ -357,7 +364,7 @@ def read_synapse_volume(
     path = Path(path)
     arrays = _h5_arrays(path, ["image"], ["label"])
     image = np.asarray(arrays["image"], dtype=np.float32)
-    _check_finite(image, str(path))
+    check_finite(image, str(path))
     label = _to_label(arrays["label"], str(path)) if "label" in arrays else None
     name = path.name
     case_id = name[: -len(".npy.h5")] if name.endswith(".npy.h5") else path.stem
@@ -521,7 +528,7 @@ def read_la_case(path: str | Path, case_id: str | None = None) -> Case:
     image = np.asarray(arrays["image"], dtype=np.float32)
     if image.ndim != 3:
         raise DataError(f"{path}: LA image must be 3-D (X, Y, Z), got shape {image.shape}.")
-    _check_finite(image, str(path))
+    check_finite(image, str(path))
     image = np.ascontiguousarray(np.transpose(image, (2, 0, 1)))
     label = None
     if "label" in arrays:
@@ -573,7 +580,7 @@ def read_acdc_slice(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(
             f"{path}: image {image.shape} and label {label.shape} must be equal 2-D shapes."
         )
-    _check_finite(image, str(path))
+    check_finite(image, str(path))
     if label.max() > 3:
         raise DataError(
             f"{path}: label values {sorted(set(np.unique(label).tolist()) - {0, 1, 2, 3})} are "
@@ -591,7 +598,7 @@ def read_acdc_volume(path: str | Path, case_id: str | None = None) -> Case:
     path = Path(path)
     arrays = _h5_arrays(path, ["image"], ["label"])
     image = np.asarray(arrays["image"], dtype=np.float32)
-    _check_finite(image, str(path))
+    check_finite(image, str(path))
     label = _to_label(arrays["label"], str(path)) if "label" in arrays else None
     case = Case(
         case_id=case_id or path.stem,
@@ -686,16 +693,14 @@ def read_acdc(root: str | Path, ids: Iterable[str] | None = None) -> list[Case]:
 # --------------------------------------------------------------------------- SimpleITK formats
 
 
-def _read_sitk(path: Path) -> tuple[np.ndarray, Any]:
+def _read_sitk(path: Path) -> tuple[np.ndarray, Any, bytes | None]:
+    """(array, SimpleITK image, NIfTI-1 header or None) through :func:`hsam.imageio.read_image`,
+    the reading path (and checks) of every command."""
     import SimpleITK as sitk  # noqa: N813
 
     _require_file(path, "image file")
-    try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
-        raise DataError(f"{path}: SimpleITK cannot read it ({msg}).") from exc
-    return sitk.GetArrayFromImage(img), img
+    read = read_image(path)
+    return sitk.GetArrayFromImage(read.image), read.image, read.nifti_header
 
 
 def _sitk_geometry(img: Any) -> tuple[tuple[float, float, float], tuple, tuple]:
@@ -741,6 +746,53 @@ def _as_volume(arr: np.ndarray, img: Any, path: Path) -> np.ndarray:
     return arr
 
 
+#: How far a label's grid may be from its image's: spacing (relative), origin (relative to
+#: its magnitude, plus an absolute mm floor) and direction cosines (absolute).
+LABEL_SPACING_RTOL = 1e-3
+LABEL_ORIGIN_RTOL = 1e-3
+LABEL_ORIGIN_ATOL_MM = 1e-2
+LABEL_DIRECTION_ATOL = 1e-4
+
+
+def check_label_grid(
+    image_path: str | Path,
+    image_grid: tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]],
+    label_path: str | Path,
+    label_grid: tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]],
+) -> None:
+    """Refuse a label whose spacing, origin or direction differs from its image's.
+
+    Grids are ``(spacing, origin, direction)`` as :func:`_sitk_geometry` returns them. A label
+    on another grid marks other anatomy than the voxels it is paired with, so training and
+    metrics would be silently wrong.
+
+    Raises:
+        DataError: naming both files and each field that differs, with both values.
+    """
+    tolerances = {  # field (as the message names it): (rtol, atol)
+        "spacing (D, H, W) mm": (LABEL_SPACING_RTOL, 0.0),
+        "origin (x, y, z) mm": (LABEL_ORIGIN_RTOL, LABEL_ORIGIN_ATOL_MM),
+        "direction": (0.0, LABEL_DIRECTION_ATOL),
+    }
+    differ = [
+        f"{name} {_fmt(lab)} (image {_fmt(img)})"
+        for (name, (rtol, atol)), img, lab in zip(
+            tolerances.items(), image_grid, label_grid, strict=True
+        )
+        if not np.allclose(np.asarray(lab, float), np.asarray(img, float), rtol=rtol, atol=atol)
+    ]
+    if differ:
+        raise DataError(
+            f"{label_path}: the label's geometry differs from its image {image_path}: "
+            f"{'; '.join(differ)}. Resample the label onto the image grid (nearest neighbour) "
+            "or fix the header that is wrong."
+        )
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{float(v):.6g}" for v in values) + ")"
+
+
 def read_sitk_case(
     image_path: str | Path,
     label_path: str | Path | None,
@@ -755,37 +807,27 @@ def read_sitk_case(
     SimpleITK's array is ``(z, y, x)``, which is used as ``(D, H, W)`` unchanged; spacing is
     SimpleITK's ``(x, y, z)`` reversed; origin and direction are kept in SimpleITK order.
     ``intensity`` (see :func:`apply_intensity`) is applied to the raw values. The label must
-    be on the same grid (size; spacing and origin within 1e-3 relative tolerance).
+    be on the same grid (:func:`check_label_grid`). A 3-D NIfTI-1 image's header is kept
+    (:attr:`Case.nifti_header`) so that outputs written on its grid keep its qform/sform.
     """
     image_path = Path(image_path)
-    raw, img = _read_sitk(image_path)
+    raw, img, nifti_header = _read_sitk(image_path)
     raw = _as_volume(raw, img, image_path)
-    if raw.dtype.kind in "fc":
-        _check_finite(raw, str(image_path))
     image = apply_intensity(raw, intensity)
     spacing, origin, direction = _sitk_geometry(img)
     label = None
     if label_path is not None:
         label_path = Path(label_path)
-        lab_arr, lab_img = _read_sitk(label_path)
+        lab_arr, lab_img, _ = _read_sitk(label_path)
         lab_arr = _as_volume(lab_arr, lab_img, label_path)
         if lab_arr.shape != image.shape:
             raise DataError(
                 f"{label_path}: label shape {lab_arr.shape} (D, H, W) differs from image "
                 f"{image_path} shape {image.shape}; they must share one voxel grid."
             )
-        lab_sp, lab_origin, _ = _sitk_geometry(lab_img)
-        if not np.allclose(lab_sp, spacing, rtol=1e-3, atol=1e-4) or not np.allclose(
-            lab_origin, origin, rtol=1e-3, atol=1e-2
-        ):
-            logger.warning(
-                "%s: spacing/origin %s/%s differ from image %s/%s; using the image geometry",
-                label_path,
-                lab_sp,
-                lab_origin,
-                spacing,
-                origin,
-            )
+        check_label_grid(
+            image_path, (spacing, origin, direction), label_path, _sitk_geometry(lab_img)
+        )
         label = _to_label(lab_arr, str(label_path))
     case = Case(
         case_id=case_id,
@@ -797,6 +839,7 @@ def read_sitk_case(
         source=str(image_path),
         origin=origin,
         direction=direction,
+        nifti_header=nifti_header if img.GetDimension() == 3 else None,
     )
     return case.validate(num_classes if num_classes is not None else _num_classes(label_names))
 
@@ -957,6 +1000,7 @@ def read_case_npz(path: str | Path) -> Case:
             source = str(data["source"]) if "source" in data else str(path)
             origin = tuple(float(v) for v in data["origin"]) if "origin" in data else None
             direction = tuple(float(v) for v in data["direction"]) if "direction" in data else None
+            header = data["nifti_header"].tobytes() if "nifti_header" in data else None
     except KeyError as exc:
         raise DataError(f"{path}: missing key {exc}; regenerate it with hsam prepare.") from exc
     except (OSError, ValueError) as exc:
@@ -971,6 +1015,7 @@ def read_case_npz(path: str | Path) -> Case:
         source=source,
         origin=origin,  # type: ignore[arg-type]
         direction=direction,
+        nifti_header=header,
     )
     return case.validate(_num_classes(names))
 
