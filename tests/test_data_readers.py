@@ -349,3 +349,68 @@ def test_la_synthetic_transpose_and_corrupt_file(tmp_path: Path) -> None:
     (case_dir / "mri_norm2.h5").write_bytes(b"not an hdf5 file")
     with pytest.raises(DataError, match="corrupt"):
         read_dataset("la", tmp_path)
+
+
+# --------------------------------------------------------------------------- damaged inputs
+
+
+def test_nnunet_refuses_truncated_and_nan_nifti(tmp_path: Path) -> None:
+    """train/evaluate/prepare read through hsam.imageio's checks: ITK alone zero-fills a cut
+    .nii and turns NaN into 0 in NIfTI files."""
+    root = tmp_path / "Dataset003_Damaged"
+    _nnunet(root, ".nii", "MRI", {"background": 0, "a": 1})
+    arr = _coded_volume((6, 7, 8))
+    _write_sitk(root / "imagesTr" / "t1_0000.nii", arr)
+    _write_sitk(root / "labelsTr" / "t1.nii", np.zeros((6, 7, 8), np.uint8))
+    image = root / "imagesTr" / "t1_0000.nii"
+    image.write_bytes(image.read_bytes()[:-200])
+    with pytest.raises(DataError, match=r"t1_0000\.nii: it is truncated"):
+        read_dataset("nnunet", root, ["t1"])
+    nan = arr.copy()
+    nan[2, 3, 4] = np.nan
+    _write_sitk(image, nan)
+    with pytest.raises(DataError, match=r"t1_0000\.nii: image contains 1 NaN/inf"):
+        read_dataset("nnunet", root, ["t1"])
+
+
+@pytest.mark.parametrize(
+    ("field", "spacing", "origin", "direction"),
+    [
+        ("direction", (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (0, 1, 0, 1, 0, 0, 0, 0, 1)),
+        ("spacing", (1.0, 1.0, 1.5), (0.0, 0.0, 0.0), None),
+        ("origin", (1.0, 1.0, 1.0), (0.0, 0.0, 4.0), None),
+    ],
+)
+def test_label_on_another_grid_is_refused(
+    tmp_path: Path, field: str, spacing: tuple, origin: tuple, direction: tuple | None
+) -> None:
+    root = tmp_path / "Dataset004_Grid"
+    _nnunet(root, ".nii.gz", "MRI", {"background": 0, "a": 1})
+    _write_sitk(root / "imagesTr" / "g1_0000.nii.gz", _coded_volume((3, 4, 5)))
+    lab = _blob_label((3, 4, 5), 1)
+    direction = tuple(float(v) for v in direction) if direction else None
+    _write_sitk(root / "labelsTr" / "g1.nii.gz", lab, spacing, origin, direction)
+    with pytest.raises(DataError, match=rf"g1\.nii\.gz: the label's geometry differs.*{field}"):
+        read_dataset("nnunet", root, ["g1"])
+    # within the tolerance (float noise of a re-export) it is read
+    _write_sitk(root / "labelsTr" / "g1.nii.gz", lab, (1.0, 1.0, 1.0 + 1e-6))
+    (case,) = read_dataset("nnunet", root, ["g1"])
+    np.testing.assert_array_equal(case.label, lab)
+
+
+def test_ids_that_leave_the_dataset_root_are_refused(tmp_path: Path) -> None:
+    secret = tmp_path / "outside" / "mri_norm2.h5"
+    secret.parent.mkdir()
+    with h5py.File(secret, "w") as f:
+        f["image"] = np.zeros((4, 4, 2), np.float32)
+        f["label"] = np.zeros((4, 4, 2), np.uint8)
+    root = tmp_path / "la"
+    (root / "2018LA_Seg_Training Set").mkdir(parents=True)
+    (root / "train.list").write_text("../../outside\n")
+    with pytest.raises(DataError, match=r"train\.list line 1: id '\.\./\.\./outside' is a path"):
+        read_dataset("la", root)
+    with pytest.raises(DataError, match=r"id '\.\./\.\./outside' is a path"):
+        read_dataset("la", root, ["../../outside"])
+    for bad in ("..", "/etc/passwd", "a\\b"):
+        with pytest.raises(DataError, match="is a path"):
+            read_dataset("acdc", root, [bad])

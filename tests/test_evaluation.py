@@ -371,3 +371,45 @@ def test_largest_component_postprocessing_is_what_gets_scored(
             out_dir=tmp_path / "x",
             postprocess="median",
         )
+
+
+def test_saved_predictions_keep_the_nifti_header(tmp_path):
+    """`--save-predictions` writes with predict's writer: a NIfTI input whose qform and sform
+    differ keeps both and their codes, so nibabel places the prediction where the input is."""
+    root = tmp_path / "Dataset005_Header"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    meta = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "a": 1}}
+    (root / "dataset.json").write_text(json.dumps({**meta, "file_ending": ".nii.gz"}))
+    rng = np.random.default_rng(0)
+    vol = rng.uniform(0, 100, (5, 20, 24)).astype(np.float32)  # (D, H, W)
+    lab = np.zeros(vol.shape, np.uint8)
+    lab[1:3, 5:10, 6:12] = 1
+    sform = np.diag([0.8, 0.9, 2.5, 1.0])
+    sform[:3, 3] = (10.0, -20.0, 30.0)
+    qform = sform.copy()
+    qform[:3, 3] += (5.0, 0.0, 0.0)  # the same grid 5 mm away: qform and sform disagree
+    image = root / "imagesTr" / "c1_0000.nii.gz"
+    for path, data in ((image, vol), (root / "labelsTr" / "c1.nii.gz", lab)):
+        img = nib.Nifti1Image(data.T, None)
+        img.set_sform(sform, code=2)
+        img.set_qform(qform, code=1)
+        nib.save(img, str(path))
+    checkpoint = make_checkpoint(tmp_path / "k1.pt", trained=False, policy=MR_POLICY)
+    out = tmp_path / "eval"
+    evaluate_checkpoint(
+        checkpoint,
+        root,
+        format="nnunet",
+        split="all",
+        out_dir=out,
+        device="cpu",
+        save_predictions=True,
+        progress=False,
+    )
+    src, pred = nib.load(str(image)), nib.load(str(out / "predictions" / "c1.nii.gz"))
+    assert pred.shape == src.shape
+    np.testing.assert_array_equal(pred.affine, src.affine)
+    np.testing.assert_array_equal(pred.header.get_qform(), src.header.get_qform())
+    np.testing.assert_array_equal(pred.header.get_sform(), src.header.get_sform())
+    assert int(pred.header["qform_code"]) == 1 and int(pred.header["sform_code"]) == 2

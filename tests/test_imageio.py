@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -474,3 +475,48 @@ def test_safe_output_path(tmp_path):
         safe_output_path(dicom, dicom / "out")
     with pytest.raises(DataError, match="not supported"):
         safe_output_path(f, tmp_path / "out", extension=".png")
+
+
+# --------------------------------------------------------------------------------------------
+# damaged inputs the readers used to accept (issue 15)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".mha", ".nrrd"])
+def test_non_finite_voxels_are_refused_naming_the_file(tmp_path, ext):
+    """ITK's NIfTI reader turns NaN/inf into 0; they must be refused for every format."""
+    arr = np.ones(SHAPE, np.float32)
+    arr[MARK] = np.nan
+    arr[0, 0, 0] = np.inf
+    path = tmp_path / f"nan{ext}"
+    if ext.startswith(".nii"):
+        nib.save(nib.Nifti1Image(arr.T, np.diag([0.7, 0.9, 3.5, 1.0])), str(path))
+    else:
+        sitk.WriteImage(sitk.GetImageFromArray(arr), str(path))
+    with pytest.raises(DataError, match=rf"nan{re.escape(ext)}: image contains 2 NaN/inf"):
+        read_volume(path)
+
+
+def test_nifti2_is_called_unsupported_not_corrupt(tmp_path):
+    path = tmp_path / "two.nii.gz"
+    nib.save(nib.Nifti2Image(np.zeros(SHAPE[::-1], np.int16), np.eye(4)), str(path))
+    with pytest.raises(DataError, match=r"two\.nii\.gz is a NIfTI-2 file.*not support") as exc:
+        read_volume(path)
+    assert "corrupt" not in str(exc.value)
+
+
+def test_dicom_series_with_a_missing_slice_is_refused(tmp_path):
+    img, _ = synthetic_image(direction=rotation((0, 0, 1), 15.0))
+    series = tmp_path / "series"
+    write_dicom_series(img, series, "1.2.826.0.1.3680043.2.1125.44")
+    (series / "slice003.dcm").unlink()
+    with pytest.raises(DataError, match=r"series.*uneven slice positions.*3 and 4 of 6"):
+        read_volume(series)
+
+
+def test_dicom_series_with_a_truncated_slice_is_refused(tmp_path):
+    img, _ = synthetic_image()
+    series = tmp_path / "series"
+    write_dicom_series(img, series, "1.2.826.0.1.3680043.2.1125.45")
+    last = series / f"slice{SHAPE[0] - 1:03d}.dcm"  # an end slice: no gap shows in the positions
+    last.write_bytes(last.read_bytes()[:400])
+    with pytest.raises(DataError, match=r"leaves out 1 DICOM file.*slice006\.dcm.*truncated"):
+        read_volume(series)

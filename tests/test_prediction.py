@@ -490,6 +490,15 @@ def test_unreadable_file_is_refused_before_writing(tmp_path, mr_checkpoint):
     assert _files(out) == []
 
 
+def test_nifti2_is_refused_as_unsupported_before_the_model_loads(tmp_path):
+    src = tmp_path / "two.nii.gz"
+    nib.save(nib.Nifti2Image(bright_box_volume()[0].T, np.eye(4)), str(src))
+    with pytest.raises(DataError, match=r"two\.nii\.gz is a NIfTI-2 file.*not support") as exc:
+        predict_files(tmp_path / "not_needed.pt", [src], tmp_path / "out", device="cpu")
+    assert "corrupt" not in str(exc.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_truncated_file_leaves_only_complete_outputs(tmp_path, mr_checkpoint):
     good = write_nifti(tmp_path / "a_good.nii.gz", bright_box_volume()[0], np.eye(4))
     raw = write_nifti(tmp_path / "full.nii", bright_box_volume()[0], np.eye(4)).read_bytes()
