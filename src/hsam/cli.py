@@ -256,7 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--few-shot", help="N cases, a fraction of slices (e.g. 0.1) or a standard split name"
     )
     prep.add_argument("--seed", type=int, default=None)
-    prep.add_argument("--overwrite", action="store_true")
+    prep.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier hsam prepare output at DST (anything else there is refused)",
+    )
     prep.set_defaults(handler=_cmd_prepare)
 
     demo = sub.add_parser("demo", help="few-shot H-SAM vs SAMed on the bundled LA sample (CPU)")

@@ -21,6 +21,12 @@ Writing:
 
 Supported inputs: ``.nii``, ``.nii.gz``, ``.mha``, ``.mhd`` (+ data file), ``.nrrd``, and a
 folder holding one DICOM series (read with SimpleITK's ``ImageSeriesReader``/GDCM).
+
+:func:`read_image` is the one reading path of every command (``predict`` through
+:func:`read_volume`, ``train``/``evaluate``/``prepare`` through :mod:`hsam.data.readers`). It
+adds the checks SimpleITK does not make: a truncated NIfTI (ITK zero-fills it), NaN/inf voxels
+(ITK's NIfTI reader turns them into 0, so NIfTI data are checked with nibabel), NIfTI-2 (not
+supported), and DICOM series with unreadable slice files or uneven slice positions.
 """
 
 from __future__ import annotations
