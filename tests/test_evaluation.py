@@ -371,3 +371,14 @@ def test_largest_component_postprocessing_is_what_gets_scored(
             out_dir=tmp_path / "x",
             postprocess="median",
         )
+
+
+def test_report_folder_under_a_file_is_refused_before_any_work(tmp_path):
+    """The checkpoint does not exist: the output check must come first (no compute)."""
+    from hsam.errors import OutputError
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("mine")
+    with pytest.raises(OutputError, match="a_file, which is a file"):
+        evaluate_checkpoint(tmp_path / "missing.pt", None, out_dir=blocker / "reports")
+    assert blocker.read_text() == "mine"
