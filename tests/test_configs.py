@@ -1,5 +1,6 @@
 """Every shipped recipe parses against the config schema."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from hsam.config import (
     load_yaml,
     to_dict,
 )
+from hsam.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -61,3 +63,36 @@ def test_config_differences_name_what_a_run_was_trained_with():
     assert config_differences(stored, cfg) == []
     compiled = config("train.compile=true")
     assert config_differences(stored, compiled) == ["train.compile: False in the run, True now"]
+
+
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("train.base_lr=-0.001", "train.base_lr"),
+        ("train.base_lr=.nan", "train.base_lr"),
+        ("train.base_lr=0", "train.base_lr"),
+        ("train.betas=[0.9, 1.0]", "train.betas[1]"),
+        ("train.betas=[-0.1, 0.999]", "train.betas[0]"),
+        ("train.betas=[0.9]", "train.betas"),
+        ("train.val_every=0", "train.val_every"),
+        ("train.augmented_views=0", "train.augmented_views"),
+        ("train.max_steps_per_epoch=0", "train.max_steps_per_epoch"),
+        ("train.dice_weight=2", "train.dice_weight"),
+        ("train.epochs=0", "train.epochs"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.weight_decay=-1", "train.weight_decay"),
+        ("train.warmup_steps=-5", "train.warmup_steps"),
+        ("train.inference_batch_size=0", "train.inference_batch_size"),
+        ("train.augment.max_angle=.nan", "train.augment.max_angle"),
+        ("train.augment.scale_range=[0.5, .inf]", "train.augment.scale_range"),
+        ("model.num_classes=0", "model.num_classes"),
+        ("model.stage2_dropout=1.0", "model.stage2_dropout"),
+        ("model.lora_alpha=-2.0", "model.lora_alpha"),
+        ("data.val_cases=-1", "data.val_cases"),
+        ("data.train_cases=0", "data.train_cases"),
+    ],
+)
+def test_out_of_range_values_are_refused_when_the_config_loads(override, field):
+    """Each used to crash deep in torch/numpy (some after an epoch) or train nonsense."""
+    with pytest.raises(ConfigError, match=re.escape(field) + "="):
+        load_run_config(None, [override])  # range errors come before cross-field checks

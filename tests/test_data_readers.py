@@ -414,3 +414,21 @@ def test_ids_that_leave_the_dataset_root_are_refused(tmp_path: Path) -> None:
     for bad in ("..", "/etc/passwd", "a\\b"):
         with pytest.raises(DataError, match="is a path"):
             read_dataset("acdc", root, [bad])
+
+
+def test_dataset_json_that_is_not_an_object_is_a_clear_error(tmp_path):
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    (tmp_path / "dataset.json").write_text(json.dumps([{"labels": {"background": 0}}]))
+    with pytest.raises(DataError, match="dataset.json: expected a JSON object.*list"):
+        read_dataset("nnunet", tmp_path)
+
+
+def test_h5_image_of_strings_is_a_clear_error(tmp_path):
+    case = tmp_path / "2018LA_Seg_Training Set" / "ID0"
+    case.mkdir(parents=True)
+    with h5py.File(case / "mri_norm2.h5", "w") as f:
+        f["image"] = np.array([[["a", "b"]] * 2] * 2, dtype="S1")
+        f["label"] = np.zeros((2, 2, 2), np.uint8)
+    with pytest.raises(DataError, match="'image' holds .* values, not numbers"):
+        read_dataset("la", tmp_path, ["ID0"])

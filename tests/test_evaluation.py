@@ -413,3 +413,14 @@ def test_saved_predictions_keep_the_nifti_header(tmp_path):
     np.testing.assert_array_equal(pred.header.get_qform(), src.header.get_qform())
     np.testing.assert_array_equal(pred.header.get_sform(), src.header.get_sform())
     assert int(pred.header["qform_code"]) == 1 and int(pred.header["sform_code"]) == 2
+
+
+def test_report_folder_under_a_file_is_refused_before_any_work(tmp_path):
+    """The checkpoint does not exist: the output check must come first (no compute)."""
+    from hsam.errors import OutputError
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("mine")
+    with pytest.raises(OutputError, match="a_file, which is a file"):
+        evaluate_checkpoint(tmp_path / "missing.pt", None, out_dir=blocker / "reports")
+    assert blocker.read_text() == "mine"

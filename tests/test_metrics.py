@@ -136,8 +136,9 @@ EXPECTED = {
     ("legacy", "pred_empty"): (0.0, 0.0, 0.0),
     ("legacy", "gt_empty"): (1.0, 0.0, 1.0),
     ("strict", "both_empty"): (NAN, NAN, NAN),
-    ("strict", "pred_empty"): (0.0, NAN, NAN),
-    ("strict", "gt_empty"): (0.0, NAN, NAN),
+    # NSD 0 when exactly one mask is empty, as DeepMind's surface-distance and MONAI.
+    ("strict", "pred_empty"): (0.0, NAN, 0.0),
+    ("strict", "gt_empty"): (0.0, NAN, 0.0),
 }
 
 
@@ -332,6 +333,16 @@ def test_bootstrap_matches_naive_loop_and_is_seeded():
     assert not np.array_equal(other.per_class, ci.per_class)
     means, _ = per_class_mean(v)
     assert np.all(ci.per_class[:, 0] <= means) and np.all(means <= ci.per_class[:, 1])
+
+
+def test_bootstrap_class_mean_uses_one_class_set_in_every_resample():
+    """Class 2 is defined in one case only: a resample without that case must not report the
+    mean over class 1 alone (0.9) as the class mean (0.5 = mean of 0.9 and 0.1)."""
+    v = np.column_stack([np.full(8, 0.9), [0.1] + [np.nan] * 7])
+    ci = bootstrap_ci(v, n_resamples=400, seed=3)
+    means, _ = per_class_mean(v)
+    assert mean_over_classes(means) == pytest.approx(0.5)
+    np.testing.assert_allclose(ci.class_mean, [0.5, 0.5])
 
 
 def test_bootstrap_degenerate_inputs():

@@ -587,3 +587,66 @@ def test_bad_arguments(tmp_path, mr_checkpoint):
     with pytest.raises(CheckpointError, match="does not exist"):
         predict_files(tmp_path / "nope.pt", [src], tmp_path / "o", device="cpu")
     assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# malformed checkpoints and unwritable outputs (issue 15)
+# --------------------------------------------------------------------------------------------
+def test_output_under_a_file_is_refused_before_any_work(tmp_path):
+    """The checkpoint does not exist: the output check must come first (no compute)."""
+    from hsam.errors import OutputError
+
+    src = write_nifti(tmp_path / "a.nii.gz", bright_box_volume()[0], np.eye(4))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("mine")
+    for out in (blocker / "out", blocker / "out" / "a.nii.gz"):
+        with pytest.raises(OutputError, match="a_file, which is a file"):
+            predict_files(tmp_path / "missing.pt", [src], out, device="cpu")
+    assert blocker.read_text() == "mine"
+
+
+@pytest.mark.parametrize("missing", ["state_dict", "meta", "config", "backbone"])
+def test_incomplete_checkpoint_is_a_clear_error(tmp_path, missing):
+    from hsam.cli import main
+
+    path = make_checkpoint(tmp_path / "k.pt", trained=False)
+    payload = torch.load(path, weights_only=True)
+    del payload[missing]
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=f"incomplete or damaged \\('{missing}' is missing"):
+        load_inference_model(path, device="cpu")
+    assert main(["info", "--checkpoint", str(path)]) == 2
+
+
+def test_resume_state_given_as_checkpoint_says_what_to_use(tmp_path):
+    from hsam.checkpoint import RESUME_FORMAT
+
+    last = tmp_path / "checkpoints" / "last.pt"
+    last.parent.mkdir()
+    torch.save({"format": RESUME_FORMAT, "state_dict": {}, "next_epoch": 3}, last)
+    with pytest.raises(CheckpointError, match="resume state.*use best.pt or final.pt"):
+        load_inference_model(last, device="cpu")
+
+
+class _Pickled:
+    """An arbitrary Python object: torch's weights-only loader refuses it."""
+
+
+def test_pickled_objects_are_refused_without_torchs_advice(tmp_path):
+    """torch's message suggests weights_only=False (running code from the file): not shown."""
+    path = tmp_path / "old_last.pt"
+    torch.save({"rng": _Pickled()}, path)
+    with pytest.raises(CheckpointError, match="objects other than tensors") as info:
+        load_inference_model(path, device="cpu")
+    assert "weights_only" not in str(info.value)
+
+
+def test_log_lines_never_name_the_staging_folder(tmp_path, caplog):
+    import logging
+
+    ckpt = make_checkpoint(tmp_path / "k.pt", trained=False)
+    src = write_nifti(tmp_path / "a.nii.gz", bright_box_volume()[0], np.eye(4))
+    with caplog.at_level(logging.INFO, logger="hsam"):
+        predict_files(ckpt, [src], tmp_path / "out", device="cpu", probabilities=True)
+    assert ".hsam-predict-" not in caplog.text
+    assert str(tmp_path / "out" / "a_seg.nii.gz") in caplog.text

@@ -101,6 +101,7 @@ def test_summary_values_and_counts():
     kidney = s["policies"]["strict"]["per_class"][2]
     assert kidney["dice"]["n_undefined"] == 1  # case02: both empty
     assert kidney["hd95"]["n_undefined"] == 2  # case01 FP-only, case02 both empty
+    assert kidney["nsd"]["n_undefined"] == 1  # case01 FP-only scores 0 (DeepMind, MONAI)
     legacy_kidney = s["policies"]["legacy"]["per_class"][2]
     assert legacy_kidney["dice"]["n_undefined"] == 0
     assert s["policies"]["legacy"]["units"]["hd95"] == "voxels"
@@ -127,7 +128,7 @@ def test_markdown_table_shape():
     assert cells[4] == f"{leg['mean']['dice']['mean'] * 100:.2f}"
     assert cells[5] == f"{leg['mean']['hd95']['mean']:.2f}"
     assert lines[legacy_at + 3].startswith("| baseline |")
-    assert "| H-SAM (ours) | 0/0/0 | 0/0/0 | 1/2/2 |" in lines
+    assert "| H-SAM (ours) | 0/0/0 | 0/0/0 | 1/2/1 |" in lines  # NSD: only case02
     other = summarize(
         [{**r, "class_name": r["class_name"].upper()} for r in synthetic_rows()], n_resamples=10
     )

@@ -527,3 +527,171 @@ def test_data_intensity_policy_is_validated_and_stored_for_predict(tmp_path):
     run = run_training(load_run_config(cfg_path, ["data.intensity=minmax"]), tmp_path / "run")
     meta = torch.load(run.run_dir / "checkpoints" / "final.pt", weights_only=True)["meta"]
     assert meta["intensity_policy"] == "minmax"  # the format's default would be percentile
+
+
+# ------------------------------------------------------------------ reliability (issue 15)
+@pytest.mark.parametrize(
+    "steps,message",
+    [
+        (4, r"loss is nan at epoch 1, optimiser step 3 .*Lower train.base_lr"),
+        (2, r"after epoch 1 \(optimiser step 2\).*NaN or Inf.*Lower train.base_lr"),
+    ],
+)
+def test_divergence_stops_training_and_saves_no_nonfinite_weights(tmp_path, steps, message):
+    """lr=1000: the loss turns NaN at step 3 (or the weights after step 2 already hold NaN
+    with a finite loss); both stop training before anything is saved."""
+    from hsam.errors import TrainingError
+
+    cfg_path = tiny_run_config(tmp_path, base_lr=1000.0, max_steps_per_epoch=steps)
+    with pytest.raises(TrainingError, match=message):
+        run_training(load_run_config(cfg_path), tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == []
+    assert main(["train", str(cfg_path), "--out", str(tmp_path / "cli")]) == 2
+
+
+@pytest.mark.parametrize("val_cases", [0, 1])
+def test_resume_finishes_an_interrupted_end_of_training(tmp_path, val_cases):
+    """Killed after the final epoch's last.pt but before final.pt (and best.pt = final.pt
+    without validation): --resume writes them from the resume state."""
+    cfg_path = tiny_run_config(tmp_path, epochs=2)
+    cfg = load_run_config(cfg_path, [f"data.val_cases={val_cases}"])
+    run = tmp_path / "run"
+    run_training(cfg, run)
+    ckpt = run / "checkpoints"
+    reference = _trainable(ckpt / "final.pt")
+    best_before = (ckpt / "best.pt").read_bytes()
+    (ckpt / "final.pt").unlink()
+    if not val_cases:
+        (ckpt / "best.pt").unlink()
+    resumed = run_training(
+        load_run_config(cfg_path, [f"data.val_cases={val_cases}"]), run, resume=True
+    )
+    assert resumed.epochs_run == 0
+    final = torch.load(ckpt / "final.pt", weights_only=True)
+    assert final["meta"]["epoch"] == 1
+    last_record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["meta"]["metrics"]["val_dice"] == last_record.get("val_dice")
+    assert (last_record.get("val_dice") is not None) == bool(val_cases)
+    for k, v in reference.items():
+        assert torch.equal(final["state_dict"][k], v), k
+    if val_cases:
+        assert (ckpt / "best.pt").read_bytes() == best_before  # best of the run, kept
+    else:
+        assert _trainable(ckpt / "best.pt").keys() == reference.keys()
+    # a second resume changes nothing
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    run_training(load_run_config(cfg_path, [f"data.val_cases={val_cases}"]), run, resume=True)
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+
+
+def test_resume_after_a_kill_before_last_pt_keeps_one_line_per_epoch(tmp_path):
+    """A kill between the metrics append and the last.pt rename: the epoch is trained again,
+    metrics.jsonl keeps one line per epoch, and hsam's temp-file leftovers are removed while
+    look-alike files of the user stay."""
+    cfg_path = tiny_run_config(tmp_path)
+    run = tmp_path / "run"
+    run_training(load_run_config(cfg_path), run, stop_after=1)
+    ckpt = run / "checkpoints"
+    state_after_epoch_0 = (ckpt / "last.pt").read_bytes()
+    run_training(load_run_config(cfg_path), run, resume=True, stop_after=1)
+    (ckpt / "last.pt").write_bytes(state_after_epoch_0)  # as if the rename never happened
+    leftover = ckpt / ".last.pt.ab12cd_3.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    mine = [ckpt / ".last.pt.notes", run / "metrics.jsonl.tmp", ckpt / ".last.pt.ab12cd_3.tmpx"]
+    for f in mine:
+        f.write_text("the user's")
+    assert main(["train", str(cfg_path), "--out", str(run), "--resume"]) == 0
+    epochs = [
+        json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert epochs == [0, 1, 2]
+    assert not leftover.exists()
+    assert all(f.read_text() == "the user's" for f in mine)
+
+
+def test_resume_refuses_a_last_pt_from_another_run(tmp_path):
+    from hsam.errors import CheckpointError
+
+    cfg_path = tiny_run_config(tmp_path)
+    run_training(load_run_config(cfg_path), tmp_path / "a", stop_after=1)
+    run_training(load_run_config(cfg_path), tmp_path / "b", stop_after=1)
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["run_id"]
+    shutil.copyfile(tmp_path / "a/checkpoints/last.pt", tmp_path / "b/checkpoints/last.pt")
+    with pytest.raises(CheckpointError, match="belongs to another run"):
+        run_training(load_run_config(cfg_path), tmp_path / "b", resume=True)
+    assert not (tmp_path / "b/checkpoints/final.pt").exists()
+
+
+def test_damaged_resume_state_is_refused(tmp_path):
+    from hsam.engine.trainer import RESUME_FORMAT
+    from hsam.errors import CheckpointError
+
+    cfg_path = tiny_run_config(tmp_path)
+    run_training(load_run_config(cfg_path), tmp_path / "run", stop_after=1)
+    last = tmp_path / "run/checkpoints/last.pt"
+    torch.save({"format": RESUME_FORMAT, "next_epoch": 1}, last)
+    with pytest.raises(CheckpointError, match="incomplete or damaged resume state"):
+        run_training(load_run_config(cfg_path), tmp_path / "run", resume=True)
+
+
+def test_unwritable_output_is_refused_before_any_work(tmp_path, caplog):
+    """An --out under a plain file fails at once with a clear message (train and prepare)."""
+    from hsam.errors import OutputError
+
+    cfg_path = tiny_run_config(tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OutputError, match="lies under .*a_file, which is a file"):
+        run_training(load_run_config(cfg_path), blocker / "run")
+    assert main(["train", str(cfg_path), "--out", str(blocker / "run")]) == 2
+    # prepare: the raw folder does not even exist; the output is checked first
+    caplog.clear()
+    assert main(["prepare", "la", str(tmp_path / "no_raw"), str(blocker / "prepared")]) == 2
+    assert "a_file is a file, not a folder" in caplog.text
+    assert blocker.read_text() == "not a folder"
+
+
+def test_read_only_output_folder_is_refused(tmp_path):
+    from hsam.atomic import check_writable_folder
+    from hsam.errors import OutputError
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as root: permission bits do not stop writes")
+        with pytest.raises(OutputError, match="not writable"):
+            check_writable_folder(locked / "new" / "run", "run directory")
+    finally:
+        locked.chmod(0o755)
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
+    """SIGINT during `hsam train`: no traceback, a hint to resume, the shell's exit code."""
+    import signal
+    import time
+
+    cfg_path = tiny_run_config(tmp_path, epochs=200, val_every=100)
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hsam", "train", str(cfg_path), "--out", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        deadline = time.time() + 120
+        while not (run / "metrics.jsonl").is_file() and time.time() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read().decode(errors="replace")[-2000:]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = err.decode(errors="replace")
+    assert proc.returncode == 130, text[-2000:]
+    assert "interrupted; resume with --resume" in text
+    assert "Traceback" not in text

@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from hsam.errors import OutputExistsError
+from hsam.errors import OutputError, OutputExistsError
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,47 @@ def refuse_existing(paths: Iterable[str | os.PathLike]) -> None:
                 f"{p} already exists; choose another output path, delete it, or pass "
                 "overwrite=True (--overwrite on the command line)"
             )
+
+
+def check_writable_folder(folder: str | os.PathLike, what: str = "output") -> None:
+    """Raise :class:`~hsam.errors.OutputError` unless files can be created in ``folder``.
+
+    ``folder`` need not exist: its nearest existing ancestor must be a folder this user may
+    write into (``os.access``, which also reports read-only file systems). Called before any
+    compute, so an unwritable ``--out`` fails at once instead of after the work."""
+    folder = Path(folder)
+    probe = folder
+    while not (probe.exists() or probe.is_symlink()):
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        where = "is" if probe == folder else f"lies under {probe}, which is"
+        raise OutputError(
+            f"{what} {folder} {where} a file, not a folder; choose another output path."
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(
+            f"cannot write {what} {folder}: {probe} is not writable by this user (read-only "
+            "folder or file system); choose another output path or fix its permissions."
+        )
+
+
+def stale_temp_files(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """Temp files :func:`atomic_output` left in ``folder`` for targets ``names`` when the
+    process was killed mid-write (``.<name>.<8 random chars>.tmp[suffix]``, plain files only):
+    the exact pattern it creates, so nothing the user wrote matches."""
+    folder = Path(folder)
+    patterns = [
+        re.compile(rf"\.{re.escape(n)}\.[A-Za-z0-9_]{{8}}\.tmp(\.[A-Za-z0-9.]+)?") for n in names
+    ]
+    if not folder.is_dir():
+        return []
+    return sorted(
+        f
+        for f in folder.iterdir()
+        if f.is_file() and not f.is_symlink() and any(p.fullmatch(f.name) for p in patterns)
+    )
 
 
 def _umask() -> int:

@@ -28,6 +28,16 @@ from hsam.weights import load_torch_file
 logger = logging.getLogger(__name__)
 
 FORMAT = "hsam/1"
+#: Format of ``checkpoints/last.pt``, the state `hsam train --resume` continues from.
+RESUME_FORMAT = "hsam-resume/1"
+#: What `save_checkpoint` writes, with the type each entry must have.
+_PAYLOAD_TYPES = {
+    "config": dict,
+    "backbone": dict,
+    "versions": dict,
+    "meta": dict,
+    "state_dict": dict,
+}
 
 
 def clean_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -99,11 +109,32 @@ class LoadedCheckpoint:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The payload of an hsam checkpoint, with every entry `save_checkpoint` writes present
+    and of the right type (CheckpointError naming what is wrong otherwise)."""
     payload = load_torch_file(path, "checkpoint")
+    if isinstance(payload, dict) and payload.get("format") == RESUME_FORMAT:
+        raise CheckpointError(
+            f"{path} is a training resume state (last.pt, read by `hsam train --resume`), not "
+            "a model checkpoint; use best.pt or final.pt from the same checkpoints folder."
+        )
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not an hsam checkpoint (format {FORMAT!r}); hsam checkpoints are "
             "written by `hsam train`."
+        )
+    problems = [
+        f"{key!r} is missing" if key not in payload else f"{key!r} is not a {kind.__name__}"
+        for key, kind in _PAYLOAD_TYPES.items()
+        if not isinstance(payload.get(key), kind)
+    ]
+    if not problems and not isinstance(payload["config"].get("model"), dict):
+        problems.append("'config' has no 'model' section")
+    if not problems and not all(isinstance(v, Tensor) for v in payload["state_dict"].values()):
+        problems.append("'state_dict' holds values that are not tensors")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete or damaged ({'; '.join(problems)}); use a "
+            "checkpoint written by `hsam train` (checkpoints/best.pt or final.pt)."
         )
     return payload
 
@@ -148,7 +179,7 @@ def load_checkpoint(
     config = payload["config"]
     try:
         model_cfg = from_dict(ModelConfig, config["model"], "checkpoint config.model")
-    except (KeyError, ConfigError) as exc:
+    except ConfigError as exc:
         raise CheckpointError(f"checkpoint {path} has an unusable config: {exc}") from exc
     if backbone_weights is not None:
         model_cfg.backbone_weights = backbone_weights
@@ -161,4 +192,4 @@ def load_checkpoint(
             "--backbone-weights."
         )
     load_trainable_state(built.model, payload["state_dict"], source=str(path))
-    return LoadedCheckpoint(built, config, model_cfg, payload.get("meta", {}))
+    return LoadedCheckpoint(built, config, model_cfg, payload["meta"])

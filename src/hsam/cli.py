@@ -71,8 +71,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
+    from hsam.atomic import check_writable_folder
     from hsam.data import prepare
 
+    # Before reading any data: the output is built beside dst, then moved into place.
+    check_writable_folder(Path(args.dst).parent, "prepare output folder")
     result = prepare(
         args.format,
         args.src,
@@ -281,6 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     except HSAMError as exc:
         logger.error("%s", exc)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C is a user's choice, not a crash: one line, no traceback, the shell's code.
+        hint = "; resume with --resume" if args.command == "train" else ""
+        logger.error("interrupted%s", hint)
+        return 130
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ says so in its comment; `configs/upstream_code.yaml` switches all of them on at 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -18,6 +19,25 @@ import yaml
 
 from hsam.errors import ConfigError, DataError
 from hsam.intensity import parse_policy
+
+
+def _check(ok: bool, where: str, value: Any, rule: str) -> None:
+    """ConfigError naming the field and the allowed range unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{where}={value!r} {rule}; fix it in the YAML file or --set override.")
+
+
+def _at_least(where: str, value: Any, low: float, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    ok = value is not None and math.isfinite(value) and value >= low
+    _check(ok, where, value, f"must be a number >= {low:g}" + (" or null" if optional else ""))
+
+
+def _fraction(where: str, value: float, *, high_open: bool = False) -> None:
+    ok = math.isfinite(value) and value >= 0.0 and (value < 1.0 if high_open else value <= 1.0)
+    _check(ok, where, value, f"must lie in [0, 1{')' if high_open else ']'}")
+
 
 BlockOrder = Literal["self_first", "cross_first"]
 CMAttnMode = Literal["paper", "reference", "off"]
@@ -83,6 +103,23 @@ class ModelConfig:
     # Inference only: resample each slice to this side (bicubic) before resizing it to S, as the
     # released test.py does with its default input_size 224 (512 -> 224 -> 512); None = off.
     test_input_size: int | None = None
+
+    def __post_init__(self) -> None:
+        where = "model"
+        for name in ("image_size", "num_classes", "lora_rank"):
+            _at_least(f"{where}.{name}", getattr(self, name), 1)
+        _check(self.stages in (1, 2), f"{where}.stages", self.stages, "must be 1 or 2")
+        _at_least(f"{where}.lora_last_n", self.lora_last_n, 0, optional=True)
+        _at_least(f"{where}.cmattn_grid", self.cmattn_grid, 1, optional=True)
+        _at_least(f"{where}.test_input_size", self.test_input_size, 1, optional=True)
+        _at_least(f"{where}.cmattn_noise_max_std", self.cmattn_noise_max_std, 0)
+        _at_least(f"{where}.stage2_embedding_noise", self.stage2_embedding_noise, 0)
+        _fraction(f"{where}.stage2_dropout", self.stage2_dropout, high_open=True)
+        if self.lora_alpha is not None:
+            ok = math.isfinite(self.lora_alpha) and self.lora_alpha > 0
+            _check(ok, f"{where}.lora_alpha", self.lora_alpha, "must be > 0 or null")
+        for i, std in enumerate(self.class_noise_std or []):
+            _at_least(f"{where}.class_noise_std[{i}]", std, 0)
 
 
 def _is_optional(tp: Any) -> tuple[bool, Any]:
@@ -216,6 +253,10 @@ class DataConfig:
     intensity: str | None = None
 
     def __post_init__(self) -> None:
+        _at_least("data.num_classes", self.num_classes, 1)
+        _at_least("data.val_cases", self.val_cases, 0)
+        _at_least("data.train_cases", self.train_cases, 1, optional=True)
+        _at_least("data.train_slices", self.train_slices, 1, optional=True)
         if self.intensity is not None:
             try:
                 parse_policy(self.intensity)
@@ -255,7 +296,7 @@ class AugmentConfig:
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
                 raise ConfigError(f"{where}.{name}={p} must be a probability in [0, 1].")
-        if self.max_angle < 0:
+        if not (math.isfinite(self.max_angle) and self.max_angle >= 0):
             raise ConfigError(f"{where}.max_angle={self.max_angle} must be >= 0 degrees.")
         for name, positive in (
             ("scale_range", True),
@@ -267,6 +308,8 @@ class AugmentConfig:
             if len(pair) != 2:
                 raise ConfigError(f"{where}.{name}={pair} must be two numbers [low, high].")
             lo, hi = pair
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise ConfigError(f"{where}.{name}={pair} must be finite numbers.")
             if not lo <= hi:
                 raise ConfigError(f"{where}.{name}={pair} must have low <= high.")
             if positive and lo <= 0:
@@ -320,6 +363,22 @@ class TrainConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
+        # Checked here, when the config loads: a bad value otherwise fails deep in torch or
+        # numpy (some after an epoch of training) or trains nonsense.
+        where = "train"
+        for name in ("epochs", "batch_size", "accumulation_steps", "val_every"):
+            _at_least(f"{where}.{name}", getattr(self, name), 1)
+        for name in ("inference_batch_size", "augmented_views"):
+            _at_least(f"{where}.{name}", getattr(self, name), 1)
+        _at_least(f"{where}.max_steps_per_epoch", self.max_steps_per_epoch, 1, optional=True)
+        for name in ("warmup_steps", "num_workers", "weight_decay", "poly_power"):
+            _at_least(f"{where}.{name}", getattr(self, name), 0)
+        lr_ok = math.isfinite(self.base_lr) and self.base_lr > 0
+        _check(lr_ok, f"{where}.base_lr", self.base_lr, "must be a number > 0")
+        _fraction(f"{where}.dice_weight", self.dice_weight)
+        _check(len(self.betas) == 2, f"{where}.betas", self.betas, "must be two numbers")
+        for i, beta in enumerate(self.betas):
+            _fraction(f"{where}.betas[{i}]", beta, high_open=True)
         if self.stage_weight_horizon is not None and self.stage_weight_horizon < 1:
             raise ConfigError(
                 f"train.stage_weight_horizon={self.stage_weight_horizon} must be >= 1 (the "

@@ -23,3 +23,12 @@ class CheckpointError(HSAMError, RuntimeError):
 
 class OutputExistsError(HSAMError, FileExistsError):
     """An output path exists and the user did not ask to overwrite or resume it."""
+
+
+class OutputError(HSAMError, OSError):
+    """An output path cannot be written (it lies under a plain file, or its folder is
+    read-only); found before any work is done."""
+
+
+class TrainingError(HSAMError, RuntimeError):
+    """Training cannot continue (e.g. the loss became NaN or infinite)."""

@@ -53,6 +53,7 @@ import torch
 from tqdm.auto import tqdm
 
 import hsam
+from hsam.atomic import check_writable_folder
 from hsam.config import DataConfig, from_dict, load_run_config
 from hsam.data import Case, list_cases, read_dataset, read_list
 from hsam.data.readers import FORMATS
@@ -334,6 +335,7 @@ def evaluate_checkpoint(
     report_paths = [out / name for name in (*REPORT_FILES, INFO_FILE)]
     if not overwrite:
         refuse_existing(report_paths)
+    check_writable_folder(out, "report folder")  # before the model is loaded or anything run
     model = load_inference_model(
         checkpoint,
         device=device,

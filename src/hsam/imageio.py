@@ -706,7 +706,7 @@ def _write_array(
                 sitk.WriteImage(image, str(tmp), useCompression=ext != ".nii")
             except RuntimeError as exc:
                 raise DataError(f"cannot write {path}: {_itk_message(exc)}") from exc
-    logger.info("wrote %s %s", what, path)
+    logger.debug("wrote %s %s", what, path)
 
 
 def _check_grid(shape: tuple[int, ...], geometry: Geometry, what: str) -> None:
@@ -819,5 +819,5 @@ def write_probability_volume(
                     str(tmp),
                     useCompression=volume_extension(p) != ".nii",
                 )
-    logger.info("wrote %d per-class probability files next to %s", len(paths), path)
+    logger.debug("wrote %d per-class probability files next to %s", len(paths), path)
     return paths

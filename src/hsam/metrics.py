@@ -28,8 +28,9 @@ Policies
   empty (false positives and misses both count as failures).
 * HD95: 95th percentile of the pooled symmetric surface distances (medpy's definition, with
   ``voxelspacing=spacing``), in **mm**; NaN when either mask is empty.
-* NSD: normalised surface Dice (Nikolov et al. 2021) at ``tolerance_mm``; NaN when either mask
-  is empty.
+* NSD: normalised surface Dice (Nikolov et al. 2021) at ``tolerance_mm``; NaN when both masks
+  are empty, 0 when exactly one is (as DeepMind's ``surface-distance`` and MONAI, and as strict
+  Dice: a missed organ counts as a failure instead of leaving the mean).
 
 NaNs are meant to be *seen*: the aggregation helpers average over the defined cases and return
 how many cases were defined, so a report can say "HD95 over 9 of 12 cases".
@@ -37,7 +38,8 @@ how many cases were defined, so a report can say "HD95 over 9 of 12 cases".
 Surfaces (both policies, HD95 and NSD): ``mask XOR binary_erosion(mask)`` with the 6-connected
 (connectivity 1) structuring element and background outside the array, exactly as medpy does.
 Distances are Euclidean between surface-voxel centres (scipy's exact distance transform with
-``sampling=spacing``). NSD counts surface *voxels* (not DeepMind's surfel areas):
+``sampling=spacing``). NSD counts surface *voxels*, as MONAI's ``compute_surface_dice`` does
+by default (DeepMind's ``surface-distance`` weights each surface element by its area instead):
 ``NSD = (#{p in S_P: d(p, S_G) <= tau} + #{g in S_G: d(g, S_P) <= tau}) / (|S_P| + |S_G|)``.
 """
 
@@ -241,8 +243,9 @@ def nsd(
 
     Fraction of the surface voxels of both masks that lie within ``tolerance_mm`` (inclusive)
     of the other mask's surface, distances in mm with ``spacing`` ``(D, H, W)``.
-    ``strict``: NaN if either mask is empty. ``legacy`` (no published convention; chosen to
-    mirror legacy Dice): prediction non-empty and ground truth empty -> 1; empty prediction -> 0.
+    ``strict``: NaN if both masks are empty, 0 if exactly one is (DeepMind, MONAI).
+    ``legacy`` (no published convention; chosen to mirror legacy Dice): prediction non-empty
+    and ground truth empty -> 1; empty prediction -> 0.
     """
     policy = _check_policy(policy)
     p, g = _pair(pred, gt)
@@ -251,7 +254,7 @@ def nsd(
     has_p, has_g = bool(p.any()), bool(g.any())
     if not (has_p and has_g):
         if policy == "strict":
-            return float("nan")
+            return 0.0 if (has_p or has_g) else float("nan")
         return 1.0 if has_p else 0.0
     return _nsd_from(*_surface_distances(p, g, sp), tol)
 
@@ -340,7 +343,8 @@ def evaluate_case(
             }
         else:
             nan = float("nan")
-            strict = {"dice": nan if not (n_p or n_g) else 0.0, "hd95": nan, "nsd": nan}
+            one_empty = 0.0 if (n_p or n_g) else nan  # both empty: undefined
+            strict = {"dice": one_empty, "hd95": nan, "nsd": one_empty}
             legacy_fp = 1.0 if n_p else 0.0
             legacy = {"dice": legacy_fp, "hd95": 0.0, "nsd": legacy_fp}
         classes.append(
@@ -399,7 +403,8 @@ class BootstrapCI:
     """Percentile bootstrap confidence intervals over cases.
 
     ``per_class``: ``(K, 2)`` lower/upper bounds of the per-class mean (NaN ignored within a
-    resample). ``class_mean``: ``(2,)`` bounds of the mean over classes of those means.
+    resample). ``class_mean``: ``(2,)`` bounds of the mean over classes of those means, always
+    over the same class set (the classes defined in the data).
     """
 
     per_class: np.ndarray
@@ -420,8 +425,11 @@ def bootstrap_ci(
     """Percentile bootstrap CIs of the per-class mean and of the mean over classes.
 
     Cases (rows) are resampled with replacement ``n_resamples`` times with
-    ``numpy.random.default_rng(seed)``; in each resample the per-class mean ignores NaN and the
-    class mean averages the defined per-class means. Bounds are the ``(1-confidence)/2`` and
+    ``numpy.random.default_rng(seed)``; in each resample the per-class mean ignores NaN. The
+    class mean averages a fixed class set, the classes with at least one defined case in
+    ``values`` (those :func:`mean_over_classes` averages): a resample in which one of them has
+    no defined case has no class mean (it is left out), rather than an average over fewer
+    classes that would mix different quantities. Bounds are the ``(1-confidence)/2`` and
     ``(1+confidence)/2`` percentiles over resamples (ignoring resamples where the statistic is
     undefined). Deterministic for a given ``values`` row order and seed.
 
@@ -451,7 +459,9 @@ def bootstrap_ci(
     q = [100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        class_mean_stats = np.nanmean(per_class_stats, axis=1)
+        class_set = valid.any(axis=0)
+        # NaN (left out below) when a class of the set is undefined in that resample.
+        class_mean_stats = per_class_stats[:, class_set].mean(axis=1)
         per_class = np.nanpercentile(per_class_stats, q, axis=0).T
         class_mean = np.nanpercentile(class_mean_stats, q)
     return BootstrapCI(

@@ -208,5 +208,5 @@ def render_overlay(
 
     with atomic_output(path, overwrite=overwrite) as tmp:
         canvas.save(tmp, format="PNG")
-    logger.info("wrote overlay %s (slices %s)", path, zs)
+    logger.debug("wrote overlay %s (slices %s)", path, zs)
     return path

@@ -57,6 +57,7 @@ import SimpleITK as sitk  # noqa: N813
 import torch
 from tqdm.auto import tqdm
 
+from hsam.atomic import check_writable_folder
 from hsam.checkpoint import LoadedCheckpoint, load_checkpoint
 from hsam.devices import resolve_device
 from hsam.errors import CheckpointError, ConfigError, DataError
@@ -496,10 +497,11 @@ def _write_one(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     counts = np.bincount(labels.ravel(), minlength=model.num_classes + 1)
+    # The writers log at DEBUG under the hidden staging folder; the final names go here.
     logger.info(
         "%s -> %s (shape %s, foreground voxels per class %s)",
         target.input,
-        target.labels,
+        ", ".join(str(p) for p in target.paths()),
         labels.shape,
         counts[1:].tolist(),
     )
@@ -576,6 +578,8 @@ def predict_files(
     targets = plan_outputs(files, output, roots=roots, probabilities=probabilities, overlay=overlay)
     if not overwrite:
         refuse_existing(p for t in targets for p in t.paths())
+    for folder in sorted({t.labels.parent for t in targets}):
+        check_writable_folder(folder, "output folder")
     for t in targets:
         _check_header(t.input)
     model = load_inference_model(

@@ -71,9 +71,10 @@ POLICY_TEXT = {
         "Dice 0, HD95 0, NSD 0; prediction on empty ground truth -> Dice 1, HD95 0, NSD 1"
     ),
     "strict": (
-        "HD95 (pooled, as medpy) and NSD in mm with the voxel spacing; Dice NaN when both masks "
-        "are empty (0 when only one is); HD95 and NSD NaN when either mask is empty; NaN cases "
-        "are excluded from means and counted in n_undefined"
+        "HD95 (pooled, as medpy) and NSD (surface voxels counted, as MONAI) in mm with the "
+        "voxel spacing; Dice and NSD NaN when both masks are empty (0 when only one is); HD95 "
+        "NaN when either mask is empty; NaN cases are excluded from means and counted in "
+        "n_undefined"
     ),
 }
 UNITS = {
@@ -416,8 +417,9 @@ def markdown_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
         "## Strict policy (physical units, undefined cases excluded)",
         "",
         "Per-class and mean Dice in %, mean HD95 in mm, mean NSD in % at tolerance "
-        f"{tol_text}. Dice is undefined when organ and prediction are both absent; HD95 and "
-        "NSD when either is absent; those cases are left out of the means (counts below).",
+        f"{tol_text}. Dice and NSD are undefined when organ and prediction are both absent (0 when "
+        "only one is); HD95 when either is absent; undefined cases are left out of the means "
+        "(counts below).",
         "",
         _row(["Method", *heads, "Mean Dice (%)", "Mean HD95 (mm)", "Mean NSD (%)"]),
         _row(["---", *(["---:"] * (len(heads) + 3))]),

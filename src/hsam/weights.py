@@ -9,6 +9,7 @@ model key is either loaded or listed below as new, and anything else is an error
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,14 @@ def load_torch_file(path: str | Path, what: str) -> Any:
         raise CheckpointError(f"{what} {path} does not exist; check the path.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's own message advises weights_only=False, i.e. running code from the file:
+        # never what an hsam user should do, so it is not passed on.
+        raise CheckpointError(
+            f"{what} {path} holds Python objects other than tensors and plain values; hsam "
+            "does not load those (it would run code stored in the file). Use a file written "
+            "by hsam (checkpoints/best.pt or final.pt) or a plain state dict of tensors."
+        ) from exc
     except Exception as exc:  # torch raises several types for corrupt files
         raise CheckpointError(
             f"cannot read {what} {path} (corrupt or not a torch file): {exc}"

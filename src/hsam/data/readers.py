@@ -258,6 +258,12 @@ def _h5_arrays(path: Path, keys: Sequence[str], optional: Sequence[str] = ()) ->
             for key in (*keys, *optional):
                 if key in f:
                     out[key] = f[key][()]
+                    kind = getattr(out[key], "dtype", np.dtype(object)).kind
+                    if kind not in "biuf":  # strings, objects, compound records
+                        raise DataError(
+                            f"{path}: dataset {key!r} holds {out[key].dtype} values, not "
+                            "numbers; the file is not in the expected layout."
+                        )
                 elif key in keys:
                     raise DataError(
                         f"{path}: no dataset {key!r} (found {sorted(f.keys())}); the file is "
@@ -285,9 +291,15 @@ def _dataset_json(root: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: invalid JSON ({exc}); fix or regenerate the file.") from exc
+    if not isinstance(meta, dict):
+        raise DataError(
+            f"{path}: expected a JSON object (with 'labels' etc.), found a "
+            f"{type(meta).__name__}; fix or regenerate the file."
+        )
+    return meta
 
 
 def _labels_from_json(meta: dict, path: Path) -> dict[int, str]:

@@ -3,6 +3,7 @@
 Run directory layout::
 
     config.yaml          resolved config (what was run, incl. computed class noise stds)
+    run.json             run identity (a random id, also stored in last.pt)
     split.json           split manifest (train / val ids, how chosen, sources + sha256)
     train.log            log of the main process
     metrics.jsonl        one JSON record per epoch (losses, LR, validation Dice)
@@ -10,15 +11,22 @@ Run directory layout::
     checkpoints/last.pt  resume state (trainable tensors, optimiser, epoch, step, RNG)
     checkpoints/best.pt  best validation Dice (or the last epoch without validation)
     checkpoints/final.pt weights after the last epoch
+
+The end of training is idempotent: `--resume` of a run whose last epoch is in last.pt but
+whose final.pt (or best.pt without validation) is missing writes them. Resume also drops
+metrics.jsonl lines of epochs after the resume state (they are trained again) and removes
+temp files of interrupted atomic writes.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -31,16 +39,21 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
-from hsam.atomic import atomic_write_text
+from hsam.atomic import atomic_output, atomic_write_text, check_writable_folder, stale_temp_files
 from hsam.build import BuiltModel, build_hsam
-from hsam.checkpoint import atomic_torch_save, load_trainable_state, save_checkpoint
+from hsam.checkpoint import (
+    RESUME_FORMAT,
+    atomic_torch_save,
+    load_trainable_state,
+    save_checkpoint,
+)
 from hsam.config import RunConfig, config_differences, dump_yaml, from_dict, load_yaml, to_dict
 from hsam.data.splits import manifest_sha256, write_manifest
 from hsam.devices import check_compile_supported
 from hsam.engine.data import RunData, build_run_data
 from hsam.engine.distributed import ProcessInfo, barrier, init_process, shutdown
 from hsam.engine.prefix_cache import PrefixCache
-from hsam.errors import CheckpointError, ConfigError, OutputExistsError
+from hsam.errors import CheckpointError, ConfigError, OutputExistsError, TrainingError
 from hsam.inference import predict_from_prefix, predict_volume
 from hsam.losses import hsam_loss, learning_rate, schedule_epoch, stage1_weight
 from hsam.metrics import dice
@@ -48,7 +61,23 @@ from hsam.modeling.cmattn import class_noise_std_from_frequencies
 
 logger = logging.getLogger(__name__)
 
-RESUME_FORMAT = "hsam-resume/1"
+__all__ = ["RESUME_FORMAT", "TrainResult", "Trainer", "prepare_run_dir", "run_training"]
+
+RUN_FILE = "run.json"
+RUN_FORMAT = "hsam-run/1"
+METRICS_FILE = "metrics.jsonl"
+#: Files of a run directory and of its checkpoints folder written atomically (their temp files
+#: are recognisable leftovers after a kill).
+_RUN_FILES = ("config.yaml", "split.json", RUN_FILE, METRICS_FILE)
+_CHECKPOINT_FILES = ("last.pt", "best.pt", "final.pt")
+#: Entries of a resume state and their types (anything else is not a state this code wrote).
+_RESUME_TYPES = {
+    "state_dict": dict,
+    "optimizer": dict,
+    "next_epoch": int,
+    "global_step": int,
+    "rng": dict,
+}
 
 
 @dataclass
@@ -157,8 +186,6 @@ class Trainer:
         self.process = process
         self.ckpt_dir = run_dir / "checkpoints"
         tcfg = cfg.train
-        if tcfg.batch_size < 1 or tcfg.accumulation_steps < 1 or tcfg.epochs < 1:
-            raise ConfigError("train.batch_size, accumulation_steps and epochs must be >= 1.")
         seed_everything(tcfg.seed)
         self.data: RunData = build_run_data(cfg.data, tcfg, cfg.model.image_size)
         mcfg = cfg.model
@@ -224,6 +251,10 @@ class Trainer:
         self.start_epoch = 0
         self.global_step = 0
         self.best_dice: float | None = None
+        # Validation Dice of the last epoch run (final.pt's metrics when resume finishes a run).
+        self.last_val_dice: float | None = None
+        # Identity of the run directory (run.json); set by run_training.
+        self.run_id: str | None = None
         self.writer = None
 
     # ------------------------------------------------------------------ data
@@ -277,6 +308,21 @@ class Trainer:
             "metrics": metrics,
         }
 
+    def _check_finite_weights(self, epoch: int) -> None:
+        """Refuse to go on (and so to save) with NaN/Inf weights: they are never best/final."""
+        bad = [
+            n
+            for n, p in self.model.named_parameters()
+            if p.requires_grad and not bool(p.isfinite().all())
+        ]
+        if bad:
+            raise TrainingError(
+                f"training diverged: after epoch {epoch + 1} (optimiser step {self.global_step}) "
+                f"{len(bad)} trainable tensor(s) hold NaN or Inf (e.g. {bad[0]}); nothing of "
+                f"this epoch was saved. Lower train.base_lr (now {self.cfg.train.base_lr:g}) "
+                "and train again in a new --out."
+            )
+
     def _save_weights(self, name: str, epoch: int, metrics: dict[str, Any]) -> Path:
         path = self.ckpt_dir / name
         save_checkpoint(path, self.built, config=to_dict(self.cfg), meta=self._meta(epoch, metrics))
@@ -294,6 +340,8 @@ class Trainer:
             "next_epoch": next_epoch,
             "global_step": self.global_step,
             "best_dice": self.best_dice,
+            "last_val_dice": self.last_val_dice,
+            "run_id": self.run_id,
             "rng": _rng_state(),
         }
         atomic_torch_save(state, self.ckpt_dir / "last.pt")
@@ -316,15 +364,70 @@ class Trainer:
             ) from exc
         if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
             raise CheckpointError(f"{path} is not an hsam resume state.")
+        problems = [k for k, kind in _RESUME_TYPES.items() if not isinstance(state.get(k), kind)]
+        if problems:
+            raise CheckpointError(
+                f"{path} is an incomplete or damaged resume state ({', '.join(problems)} "
+                "missing or of the wrong type); nothing was loaded. Start the run again in a "
+                "new --out."
+            )
+        stored_id = state.get("run_id")
+        if self.run_id is not None and stored_id != self.run_id:
+            raise CheckpointError(
+                f"{path} belongs to another run (run id {stored_id}, this run directory's "
+                f"{RUN_FILE} says {self.run_id}); a resume state cannot be moved between runs. "
+                "Put it back in its own run directory, or start this run again in a new --out."
+            )
         load_trainable_state(self.model, state["state_dict"], source=str(path))
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            _set_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"{path}: the optimiser or RNG state does not fit this run ({exc}); start the "
+                "run again in a new --out."
+            ) from exc
         self.start_epoch = state["next_epoch"]
         self.global_step = state["global_step"]
-        self.best_dice = state["best_dice"]
-        _set_rng_state(state["rng"])
+        self.best_dice = state.get("best_dice")
+        self.last_val_dice = state.get("last_val_dice")
+        if self.process.is_main:
+            self._tidy_for_resume()
         logger.info(
             "resumed %s at epoch %d (step %d)", self.run_dir, self.start_epoch, self.global_step
         )
+
+    def _tidy_for_resume(self) -> None:
+        """Undo what a kill left behind: temp files of interrupted atomic writes (only the
+        names hsam's own writer creates) and metrics lines of epochs the resume state does not
+        hold (written before the kill, trained again now)."""
+        leftovers = stale_temp_files(self.run_dir, _RUN_FILES) + stale_temp_files(
+            self.ckpt_dir, _CHECKPOINT_FILES
+        )
+        for f in leftovers:
+            f.unlink()
+        if leftovers:
+            logger.info("removed %d temp file(s) of interrupted writes", len(leftovers))
+        metrics = self.run_dir / METRICS_FILE
+        if not metrics.is_file():
+            return
+        lines = metrics.read_text().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by the kill
+            epoch = record.get("epoch") if isinstance(record, dict) else None
+            if isinstance(epoch, int) and epoch < self.start_epoch:
+                kept.append(line)
+        if len(kept) != len(lines):
+            atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+            logger.info(
+                "%s: dropped %d line(s) of epochs after the resume state (trained again now)",
+                METRICS_FILE,
+                len(lines) - len(kept),
+            )
 
     # ------------------------------------------------------------------ loop
     def _set_lr(self) -> float:
@@ -379,7 +482,16 @@ class Trainer:
                     out = self.net(inputs, labels, start_unit=start_unit)
                     loss, parts = hsam_loss(out, labels, weight, tcfg.dice_weight)
                     (loss / accum).backward()
-                for k, v in {"loss": float(loss.detach()), **parts}.items():
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    # Before the optimiser step: the weights (and every saved file) stay finite.
+                    raise TrainingError(
+                        f"training diverged: the loss is {loss_value} at epoch {epoch + 1}, "
+                        f"optimiser step {self.global_step + 1} (learning rate {lr:.3g}); "
+                        "nothing of this step was saved. Lower train.base_lr (now "
+                        f"{tcfg.base_lr:g}) and train again in a new --out."
+                    )
+                for k, v in {"loss": loss_value, **parts}.items():
                     sums[k] = sums.get(k, 0.0) + v / accum
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -388,7 +500,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{sums['loss'] / steps:.4f}", lr=f"{lr:.2e}")
             if self.writer is not None:
-                self.writer.add_scalar("train/loss", float(loss.detach()), self.global_step)
+                self.writer.add_scalar("train/loss", loss_value, self.global_step)
                 self.writer.add_scalar("train/lr", lr, self.global_step)
         bar.close()
         record = {k: v / steps for k, v in sums.items()}
@@ -411,8 +523,12 @@ class Trainer:
         final_path = self.ckpt_dir / "final.pt"
         epochs_run = 0
         start = time.time()
+        if main and self.start_epoch >= tcfg.epochs:
+            # Resumed after the last epoch's last.pt: finish what the interruption cut off.
+            self._write_final(tcfg.epochs - 1, self.last_val_dice, only_missing=True)
         for epoch in range(self.start_epoch, tcfg.epochs):
             record = self.train_epoch(epoch)
+            self._check_finite_weights(epoch)
             last_epoch = epoch == tcfg.epochs - 1
             validate = self.data.val_cases and ((epoch + 1) % tcfg.val_every == 0 or last_epoch)
             if main:
@@ -426,13 +542,14 @@ class Trainer:
                         cache=self.cache,
                     )
                     record["val_dice"] = score
+                    self.last_val_dice = score
                     if self.best_dice is None or score > self.best_dice:
                         self.best_dice = score
                         self._save_weights("best.pt", epoch, {"val_dice": score})
                     if self.writer is not None:
                         self.writer.add_scalar("val/dice", score, self.global_step)
                 record["elapsed_s"] = round(time.time() - start, 2)
-                with open(self.run_dir / "metrics.jsonl", "a") as handle:
+                with open(self.run_dir / METRICS_FILE, "a") as handle:
                     handle.write(json.dumps(record) + "\n")
                 logger.info(
                     "epoch %d/%d loss %.4f%s",
@@ -441,18 +558,54 @@ class Trainer:
                     record["loss"],
                     f" val Dice {record['val_dice']:.4f}" if "val_dice" in record else "",
                 )
+                if not validate:
+                    self.last_val_dice = None
                 self._save_resume_state(epoch + 1)
                 if last_epoch:
-                    self._save_weights("final.pt", epoch, {"val_dice": record.get("val_dice")})
-                    if not self.data.val_cases:
-                        shutil.copyfile(final_path, best_path)
+                    self._write_final(epoch, record.get("val_dice"), only_missing=False)
             barrier(self.process)
             epochs_run += 1
             if stop_after is not None and epochs_run >= stop_after:
                 break
         if self.writer is not None:
             self.writer.close()
+        finished = self.start_epoch + epochs_run >= tcfg.epochs
+        if main and finished and not best_path.is_file():
+            raise CheckpointError(
+                f"{best_path} is missing although the run finished (deleted?); the weights "
+                f"after the last epoch are in {final_path}."
+            )
         return TrainResult(self.run_dir, best_path, final_path, self.best_dice, epochs_run)
+
+    def _write_final(self, epoch: int, val_dice: float | None, *, only_missing: bool) -> None:
+        """final.pt (and best.pt = final.pt without validation). With `only_missing`, keep
+        files already there: resume finishes an interrupted end of training."""
+        final_path = self.ckpt_dir / "final.pt"
+        best_path = self.ckpt_dir / "best.pt"
+        if not (only_missing and final_path.is_file()):
+            self._save_weights("final.pt", epoch, {"val_dice": val_dice})
+        if not self.data.val_cases and not (only_missing and best_path.is_file()):
+            with atomic_output(best_path) as tmp:
+                shutil.copyfile(final_path, tmp)
+
+
+def _write_run_identity(run_dir: Path) -> None:
+    record = {"format": RUN_FORMAT, "run_id": uuid.uuid4().hex}
+    atomic_write_text(run_dir / RUN_FILE, json.dumps(record) + "\n")
+
+
+def _read_run_identity(run_dir: Path) -> str | None:
+    """The run id in `run_dir`/run.json; None for runs made before hsam recorded one."""
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is damaged ({exc}); it is written by hsam train.") from exc
+    if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
+        raise CheckpointError(f"{path} is not an hsam run identity file.")
+    return str(record.get("run_id"))
 
 
 def _add_log_file(run_dir: Path) -> logging.Handler:
@@ -498,6 +651,8 @@ def run_training(
 ) -> TrainResult:
     """Train `cfg` into `run_dir` (the library function behind `hsam train`)."""
     run_dir = Path(run_dir)
+    # Before any work: an --out under a plain file or in a read-only folder fails now.
+    check_writable_folder(run_dir, "run directory")
     process = init_process(cfg.train.device)
     handler = None
     try:
@@ -513,6 +668,7 @@ def run_training(
             if not resume:
                 atomic_write_text(run_dir / "config.yaml", dump_yaml(to_dict(trainer.cfg)))
                 write_manifest(run_dir / "split.json", trainer.data.manifest)
+                _write_run_identity(run_dir)
             logger.info(
                 "run %s: %d steps/epoch x %d epochs, effective batch %d",
                 run_dir,
@@ -520,6 +676,7 @@ def run_training(
                 cfg.train.epochs,
                 cfg.train.batch_size * cfg.train.accumulation_steps * process.world_size,
             )
+        trainer.run_id = _read_run_identity(run_dir)
         if resume:
             trainer.load_resume_state()
         return trainer.fit(stop_after=stop_after)
