@@ -675,23 +675,28 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     cfg_path = tiny_run_config(tmp_path, epochs=200, val_every=100)
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hsam", "train", str(cfg_path), "--out", str(run)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
-    try:
-        deadline = time.time() + 120
-        while not (run / "metrics.jsonl").is_file() and time.time() < deadline:
-            time.sleep(0.2)
-        assert proc.poll() is None, proc.stderr.read().decode(errors="replace")[-2000:]
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    text = err.decode(errors="replace")
+    log = tmp_path / "stderr.txt"
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hsam", "train", str(cfg_path), "--out", str(run)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,  # a file, not a pipe: an unread pipe would stall the child
+            env=env,
+            # a shell without job control starts background jobs with SIGINT ignored, and
+            # Python then keeps ignoring it: give the child the default, as a terminal does
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        try:
+            deadline = time.time() + 120
+            while not (run / "metrics.jsonl").is_file() and time.time() < deadline:
+                time.sleep(0.2)
+            assert proc.poll() is None, log.read_text(errors="replace")[-2000:]
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text(errors="replace")
     assert proc.returncode == 130, text[-2000:]
     assert "interrupted; resume with --resume" in text
     assert "Traceback" not in text
