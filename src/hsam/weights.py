@@ -78,6 +78,10 @@ def load_torch_file(path: str | Path, what: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "unsupported global" not in str(exc).lower():  # damaged bytes, not stored objects
+            raise CheckpointError(
+                f"cannot read {what} {path} (corrupt or not a torch file): {exc}"
+            ) from exc
         # torch's own message advises weights_only=False, i.e. running code from the file:
         # never what an hsam user should do, so it is not passed on.
         raise CheckpointError(
