@@ -63,6 +63,18 @@ def test_config_differences_name_what_a_run_was_trained_with():
     assert config_differences(stored, cfg) == []
     compiled = config("train.compile=true")
     assert config_differences(stored, compiled) == ["train.compile: False in the run, True now"]
+    # null is a value like any other (per-epoch stage weight), not "left to the run"...
+    over_run = config("train.stage_weight_horizon=300")
+    stored_over_run = yaml.safe_load(dump_yaml(to_dict(over_run)))
+    assert config_differences(stored_over_run, cfg) == [
+        "train.stage_weight_horizon: 300 in the run, None now"
+    ]
+    # ...but a one-stage model (SAMed) never uses the stage weight
+    one_stage = config("model.stages=1")
+    stored_one_stage = yaml.safe_load(
+        dump_yaml(to_dict(config("model.stages=1", "train.stage_weight_horizon=300")))
+    )
+    assert config_differences(stored_one_stage, one_stage) == []
 
 
 @pytest.mark.parametrize(

@@ -408,19 +408,24 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> R
 
 # Fields that do not change what a run trains: where it is evaluated and on which device.
 _NOT_TRAINING = frozenset({"data.test_list", "train.device"})
+# Fields a run fills in when the config leaves them empty (null): the class noise levels.
+_RESOLVED_IN_TRAINING = frozenset({"model.class_noise_std"})
+# The stage weight mixes the losses of two stages: a one-stage model never uses it.
+_TWO_STAGE_ONLY = frozenset({"train.stage_weight_schedule", "train.stage_weight_horizon"})
 
 
 def config_differences(stored: dict[str, Any], cfg: RunConfig) -> list[str]:
     """Fields where a run's stored config (its config.yaml) differs from `cfg`, each as
     ``"train.epochs: 4 in the run, 8 now"``.
 
-    Fields `cfg` leaves empty are resolved during training (e.g. the class noise levels) and
-    are not compared, nor are those that do not change what is trained (test list, device).
-    A field `stored` lacks was added to hsam after the run; it counts as its default, the
-    behaviour from before the field existed."""
+    Not compared: fields a run resolves when `cfg` leaves them empty (the class noise
+    levels), fields that do not change what is trained (test list, device) and, for a
+    one-stage model, the stage weight. A field `stored` lacks was added to hsam after the
+    run; it counts as its default, the behaviour from before the field existed."""
     # Through YAML, as config.yaml was written, so tuples compare as lists.
     wanted = yaml.safe_load(dump_yaml(to_dict(cfg)))
     defaults = yaml.safe_load(dump_yaml(to_dict(RunConfig())))
+    ignored = _NOT_TRAINING | (_TWO_STAGE_ONLY if cfg.model.stages == 1 else frozenset())
     found: list[str] = []
 
     def walk(want: dict[str, Any], have: Any, default: dict[str, Any], prefix: str) -> None:
@@ -430,8 +435,10 @@ def config_differences(stored: dict[str, Any], cfg: RunConfig) -> list[str]:
             if isinstance(value, dict):
                 walk(value, have.get(key), default.get(key) or {}, field + ".")
                 continue
+            if field in ignored or (value is None and field in _RESOLVED_IN_TRAINING):
+                continue
             trained = have.get(key, default.get(key))
-            if value is not None and field not in _NOT_TRAINING and value != trained:
+            if value != trained:
                 found.append(f"{field}: {trained!r} in the run, {value!r} now")
 
     walk(wanted, stored, defaults, "")
