@@ -23,8 +23,8 @@ from hsam.data import (
     read_manifest,
     standard_split,
 )
+from hsam.data.formats.synapse import read_synapse_slice
 from hsam.data.prepare import SYNAPSE_REMAP
-from hsam.data.readers import read_synapse_slice
 from hsam.errors import DataError, OutputExistsError
 
 SHAPE = (3, 6, 8)  # (z, y, x) per case: 3 slices

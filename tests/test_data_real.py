@@ -22,7 +22,7 @@ from hsam.data import (
     read_list,
     standard_split,
 )
-from hsam.data.readers import read_acdc_slice
+from hsam.data.formats.acdc import read_acdc_slice
 from hsam.engine.data import build_run_data
 
 

@@ -23,7 +23,7 @@ Supported inputs: ``.nii``, ``.nii.gz``, ``.mha``, ``.mhd`` (+ data file), ``.nr
 folder holding one DICOM series (read with SimpleITK's ``ImageSeriesReader``/GDCM).
 
 :func:`read_image` is the one reading path of every command (``predict`` through
-:func:`read_volume`, ``train``/``evaluate``/``prepare`` through :mod:`hsam.data.readers`). It
+:func:`read_volume`, ``train``/``evaluate``/``prepare`` through :mod:`hsam.data.formats`). It
 adds the checks SimpleITK does not make: a truncated NIfTI (ITK zero-fills it), NaN/inf voxels
 (ITK's NIfTI reader turns them into 0, so NIfTI data are checked with nibabel), NIfTI-2 (not
 supported), and DICOM series with unreadable slice files or uneven slice positions.
@@ -456,7 +456,7 @@ class ImageFile:
 def read_image(path: str | os.PathLike) -> ImageFile:
     """Read a volume file or DICOM folder with every integrity check: the one reading path of
     every command (``predict`` through :func:`read_volume`; ``train``, ``evaluate`` and
-    ``prepare`` through :mod:`hsam.data.readers`).
+    ``prepare`` through :mod:`hsam.data.formats`).
 
     Refused with a :class:`DataError` naming the file: a missing path, an unsupported
     extension, NIfTI-2, a truncated or corrupt file, NaN/inf voxels, a DICOM series with

@@ -10,7 +10,7 @@
   keys ``image``/``label``, float32 like upstream) and the TransUNet test cases
   (:data:`SYNAPSE_TEST_CASES`) as ``test_vol_h5/caseXXXX.npy.h5``. ``dataset.json`` records
   label names and each case's spacing (the TransUNet files have none).
-- every format of :func:`hsam.data.readers.read_dataset` (``la``, ``acdc``, ``promise12``,
+- every format of :func:`hsam.data.formats.read_dataset` (``la``, ``acdc``, ``promise12``,
   ``nnunet``, ``synapse``): ``cases/<id>.npz`` volumes (see :func:`save_case_npz`) and a
   ``dataset.json`` in the nnU-Net spirit; read back with ``read_dataset("prepared", dst)``.
 
@@ -41,19 +41,10 @@ import numpy as np
 import hsam
 from hsam.atomic import atomic_output
 from hsam.data.case import Case
-from hsam.data.readers import (
-    SYNAPSE_LABELS_SAMED,
-    SYNAPSE_LABELS_TRANSUNET,
-    _read_sitk,
-    _sitk_geometry,
-    _to_label,
-    check_label_grid,
-    ct_window,
-    ct_window_spec,
-    list_cases,
-    read_dataset,
-    read_list,
-)
+from hsam.data.formats import FORMATS, list_cases, read_dataset, read_list
+from hsam.data.formats.common import to_label
+from hsam.data.formats.sitk import check_label_grid, read_sitk, sitk_geometry
+from hsam.data.formats.synapse import SYNAPSE_LABELS_SAMED, SYNAPSE_LABELS_TRANSUNET
 from hsam.data.slices import parse_slice_id, slice_id
 from hsam.data.splits import (
     STANDARD_SPLITS,
@@ -67,6 +58,7 @@ from hsam.data.splits import (
     write_manifest,
 )
 from hsam.errors import DataError, OutputExistsError
+from hsam.intensity import DEFAULT_CT_POLICY, ct_window
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +83,8 @@ SYNAPSE_REMAP: dict[int, int] = {1: 1, 2: 2, 3: 3, 4: 4, 6: 5, 7: 6, 8: 7, 11: 8
 SYNAPSE_REMAP_TRANSUNET: dict[int, int] = {8: 1, 4: 2, 3: 3, 2: 4, 6: 5, 11: 6, 1: 7, 7: 8}
 #: TransUNet/SAMed/H-SAM test volumes (12 cases).
 SYNAPSE_TEST_CASES = tuple(f"case{n:04d}" for n in (1, 2, 3, 4, 8, 22, 25, 29, 32, 35, 36, 38))
-#: Formats :func:`prepare` accepts.
-PREPARE_FORMATS = ("synapse_raw", "synapse", "la", "acdc", "promise12", "nnunet")
+#: Formats :func:`prepare` accepts: raw Synapse, and every readable format but its own output.
+PREPARE_FORMATS = ("synapse_raw", *(name for name in FORMATS if name != "prepared"))
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -113,7 +105,7 @@ def remap_labels(label: np.ndarray, mapping: dict[int, int], where: str = "label
 
     Returns uint8. Raises :class:`DataError` for negative or > 255 values.
     """
-    lab = _to_label(label, where)
+    lab = to_label(label, where)
     lut = np.zeros(256, dtype=np.uint8)
     for old, new in mapping.items():
         lut[int(old)] = int(new)
@@ -340,7 +332,7 @@ def prepare(
     Args:
         format: ``"synapse_raw"`` (raw BTCV NIfTI -> TransUNet layout; ``"synapse"`` with a
             ``src`` holding ``RawData/Training/img`` means the same) or a
-            :func:`~hsam.data.readers.read_dataset` format (``la``, ``acdc``, ``promise12``,
+            :func:`~hsam.data.formats.read_dataset` format (``la``, ``acdc``, ``promise12``,
             ``nnunet``, ``synapse`` test volumes) -> ``cases/<id>.npz`` layout.
         src: source folder.
         dst: output folder (must not exist unless ``overwrite``; must not overlap ``src``).
@@ -632,14 +624,14 @@ def _prepare_synapse_raw(
     order = [*pool, *test]
     for done, cid in enumerate(order, 1):
         img_path, lab_path = pairs[cid]
-        raw, img, _ = _read_sitk(img_path)
-        lab_raw, lab_img, _ = _read_sitk(lab_path)
+        raw, img, _ = read_sitk(img_path)
+        lab_raw, lab_img, _ = read_sitk(lab_path)
         if raw.ndim != 3 or lab_raw.shape != raw.shape:
             raise DataError(
                 f"{img_path}: image {raw.shape} and label {lab_raw.shape} must be equal 3-D shapes."
             )
-        check_label_grid(img_path, _sitk_geometry(img), lab_path, _sitk_geometry(lab_img))
-        lab = _to_label(lab_raw, str(lab_path))
+        check_label_grid(img_path, sitk_geometry(img), lab_path, sitk_geometry(lab_img))
+        lab = to_label(lab_raw, str(lab_path))
         bad = sorted(
             set(np.flatnonzero(np.bincount(lab.ravel(), minlength=256)).tolist()) - set(range(14))
         )
@@ -649,7 +641,7 @@ def _prepare_synapse_raw(
             )
         image = ct_window(raw)  # (D, H, W) = SimpleITK (z, y, x) = upstream transpose(2, 1, 0)
         label = remap_labels(lab, remap, str(lab_path))
-        spacing[cid] = list(_sitk_geometry(img)[0])
+        spacing[cid] = list(sitk_geometry(img)[0])
         if cid in test or cid in val:
             folder = "test_vol_h5" if cid in test else "val_vol_h5"
             _save_h5_volume(out / folder / f"{cid}.npy.h5", image, label)
@@ -669,7 +661,7 @@ def _prepare_synapse_raw(
         "label_order": label_order,
         "remap": {str(k): v for k, v in remap.items()},
         "channel_names": {"0": "CT"},
-        "intensity": ct_window_spec(),
+        "intensity": DEFAULT_CT_POLICY,
         "spacing": spacing,
     }
     atomic_write_text(out / "dataset.json", json.dumps(meta, indent=2) + "\n")
