@@ -53,12 +53,12 @@ import torch
 from tqdm.auto import tqdm
 
 import hsam
-from hsam.atomic import check_writable_folder
+from hsam.atomic import atomic_write_text, check_writable_folder
 from hsam.config import DataConfig, from_dict, load_run_config
 from hsam.data import Case, list_cases, read_dataset, read_list
 from hsam.data.formats import FORMATS, detect_format
 from hsam.errors import CheckpointError, ConfigError, DataError
-from hsam.imageio import Geometry, atomic_write_text, refuse_existing, write_label_volume
+from hsam.imageio import Geometry, refuse_existing, write_label_volume
 from hsam.intensity import to_model_range
 from hsam.metrics import evaluate_case
 from hsam.prediction import (

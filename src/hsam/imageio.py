@@ -46,7 +46,6 @@ import numpy as np
 import SimpleITK as sitk  # noqa: N813
 
 from hsam.atomic import atomic_output as _atomic_output
-from hsam.atomic import atomic_write_text as _atomic_write_text
 from hsam.atomic import refuse_existing
 from hsam.errors import DataError
 
@@ -648,13 +647,6 @@ def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
         path, overwrite=overwrite, suffix=_file_extension(path), companions=_companions(path)
     ) as tmp:
         yield tmp
-
-
-def atomic_write_text(path: str | os.PathLike, text: str, *, overwrite: bool = False) -> Path:
-    """Write ``text`` to ``path`` atomically, refusing an existing file unless ``overwrite``."""
-    _atomic_write_text(path, text, overwrite=overwrite)
-    logger.info("wrote %s", path)
-    return Path(path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 import hsam
-from hsam.atomic import atomic_output
+from hsam.atomic import atomic_output, atomic_write_bytes, atomic_write_text
 from hsam.data.case import Case
 from hsam.data.formats import FORMATS, list_cases, read_dataset, read_list
 from hsam.data.formats.common import to_label
@@ -48,8 +48,6 @@ from hsam.data.formats.synapse import SYNAPSE_LABELS_SAMED, SYNAPSE_LABELS_TRANS
 from hsam.data.slices import parse_slice_id, slice_id
 from hsam.data.splits import (
     STANDARD_SPLITS,
-    atomic_write_bytes,
-    atomic_write_text,
     make_manifest,
     select_cases,
     select_slice_fraction,
