@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk  # noqa: N813
 
+from conftest import shared_data_dir
 from hsam.data import (
     SliceDataset,
     ct_window,
@@ -286,8 +287,7 @@ def test_prepare_synapse_volumes_format(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_prepare_real_la_standard_split(tmp_path: Path) -> None:
-    env = os.environ.get("HSAM_SHARED_DATA")
-    root = (Path(env) if env else Path(__file__).resolve().parents[1] / "../shared/data") / "la"
+    root = shared_data_dir() / "la"
     if not root.is_dir():
         pytest.skip(f"{root} not available")
     res = prepare("la", root, tmp_path / "LA", few_shot="la_4")
