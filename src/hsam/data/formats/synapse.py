@@ -45,7 +45,8 @@ __all__ = [
 ]
 
 #: Ids produced by the SAMed/H-SAM raw-Synapse preprocessing (also the names H-SAM's test.py
-#: prints): raw 1, 2, 3, 4, 6, 7, 8, 11 -> 1..8. See :data:`hsam.data.prepare.SYNAPSE_REMAP`.
+#: prints): raw 1, 2, 3, 4, 6, 7, 8, 11 -> 1..8.
+#: See :data:`hsam.data.prepare_synapse.SYNAPSE_REMAP`.
 SYNAPSE_LABELS_SAMED: dict[int, str] = {
     0: "background",
     1: "spleen",
