@@ -1,11 +1,11 @@
 """Every shipped recipe parses against the config schema."""
 
 import re
-from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import REPO
 from hsam.config import (
     RunConfig,
     config_differences,
@@ -17,17 +17,39 @@ from hsam.config import (
 )
 from hsam.errors import ConfigError
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def _leaves(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """``("a.b", value)`` for every non-mapping value of a nested mapping."""
+    out: list[tuple[str, object]] = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out += _leaves(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_recipe_parses(path):
+    raw = load_yaml(path)
     if path.name == "upstream_code.yaml":
-        cfg = from_dict(RunConfig, load_yaml(path))
+        cfg = from_dict(RunConfig, raw)
         assert cfg.model.cmattn == "reference"
     else:
         cfg = load_run_config(path)
-        assert cfg.model.num_classes == cfg.data.num_classes
+        # K is cross-checked: the same recipe with the two counts apart is refused
+        with pytest.raises(ConfigError, match="differ"):
+            load_run_config(path, [f"data.num_classes={cfg.data.num_classes + 1}"])
+    # every value the recipe sets arrives in the parsed config (none dropped or defaulted);
+    # through YAML, as configs are written, so tuples compare as lists
+    parsed = yaml.safe_load(dump_yaml(to_dict(cfg)))
+    for key, value in _leaves(raw):
+        node = parsed
+        for part in key.split("."):
+            node = node[part]
+        assert node == value, key
 
 
 def test_there_are_recipes_for_the_papers_settings():

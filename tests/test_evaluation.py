@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import MR_POLICY, make_checkpoint, shared_data_dir
 from hsam.config import DataConfig
 from hsam.data import read_dataset, read_list
 from hsam.errors import CheckpointError, ConfigError, DataError, OutputExistsError
@@ -29,7 +30,6 @@ from hsam.evaluation import (
 )
 from hsam.postprocess import keep_largest_component
 from hsam.reports import read_per_case_csv, summarize
-from test_prediction import MR_POLICY, make_checkpoint, shared_data
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -41,7 +41,7 @@ def _one_thread():
 
 
 def data_root(name: str) -> Path:
-    root = shared_data() / name
+    root = shared_data_dir() / name
     if not root.is_dir():
         pytest.skip(f"shared data not found at {root}")
     return root

@@ -260,3 +260,15 @@ def test_test_input_size_resamples_slices_at_inference(tiny_cfg):
     model = build_hsam(dataclasses.replace(tiny_cfg, test_input_size=32)).model
     labels, _ = predict_volume(model, volume)
     assert labels.shape == volume.shape
+
+
+def test_first_trainable_unit_is_declared_and_set_by_build(tiny_cfg):
+    # A bare network has a trainable encoder: no unit may be cached.
+    assert build_hsam_network(tiny_cfg).first_trainable_unit == 0
+    model = build_hsam(tiny_cfg, pretrained=False).model
+    units = model.image_encoder.units()
+    lora_units = [i for i, *_ in model.image_encoder.lora_targets()]
+    assert 0 < model.first_trainable_unit == lora_units[0] < len(units)
+    # Without LoRA the whole encoder is frozen: every unit is a cacheable prefix.
+    frozen = build_hsam(dataclasses.replace(tiny_cfg, lora_last_n=0), pretrained=False).model
+    assert frozen.first_trainable_unit == len(frozen.image_encoder.units())

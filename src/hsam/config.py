@@ -222,7 +222,7 @@ def dump_yaml(data: dict[str, Any]) -> str:
 class DataConfig:
     """Where the data is and which cases/slices train, validate and test."""
 
-    # la | acdc | synapse | promise12 | nnunet | prepared (see hsam.data.readers).
+    # la | acdc | synapse | promise12 | nnunet | prepared (see hsam.data.formats).
     format: str = "la"
     root: str = ""
     # File of training case ids (default: the reader's standard training list), or a split

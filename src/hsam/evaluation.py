@@ -53,12 +53,12 @@ import torch
 from tqdm.auto import tqdm
 
 import hsam
-from hsam.atomic import check_writable_folder
+from hsam.atomic import atomic_write_text, check_writable_folder
 from hsam.config import DataConfig, from_dict, load_run_config
 from hsam.data import Case, list_cases, read_dataset, read_list
-from hsam.data.readers import FORMATS
+from hsam.data.formats import FORMATS, detect_format
 from hsam.errors import CheckpointError, ConfigError, DataError
-from hsam.imageio import Geometry, atomic_write_text, refuse_existing, write_label_volume
+from hsam.imageio import Geometry, refuse_existing, write_label_volume
 from hsam.intensity import to_model_range
 from hsam.metrics import evaluate_case
 from hsam.prediction import (
@@ -86,39 +86,6 @@ PREDICTION_EXTENSION = ".nii.gz"
 # --------------------------------------------------------------------------------------------
 # data selection
 # --------------------------------------------------------------------------------------------
-def detect_format(root: str | os.PathLike) -> str:
-    """Guess the :func:`hsam.data.read_dataset` format of a dataset folder from its layout.
-
-    ``cases/`` + ``dataset.json`` -> ``prepared``; ``2018LA_Seg_Training Set/`` or
-    ``*/mri_norm2.h5`` -> ``la``; ``test_vol_h5/`` or ``*.npy.h5`` -> ``synapse``;
-    ``imagesTr/`` -> ``nnunet``; ``data/*.h5`` or ``data/slices/`` -> ``acdc``;
-    ``Case*.mhd`` -> ``promise12``.
-
-    Raises:
-        DataError: the folder does not exist or matches none of them.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"dataset folder {root} does not exist; check the path")
-    if (root / "cases").is_dir() and (root / "dataset.json").is_file():
-        return "prepared"
-    if (root / "2018LA_Seg_Training Set").is_dir() or any(root.glob("*/mri_norm2.h5")):
-        return "la"
-    if (root / "test_vol_h5").is_dir() or any(root.glob("*.npy.h5")):
-        return "synapse"
-    if (root / "imagesTr").is_dir():
-        return "nnunet"
-    data = root / "data"
-    if data.is_dir() and (any(data.glob("*.h5")) or (data / "slices").is_dir()):
-        return "acdc"
-    if any(root.rglob("Case*.mhd")):
-        return "promise12"
-    raise DataError(
-        f"cannot tell the dataset format of {root} from its layout; pass format= one of "
-        f"{', '.join(FORMATS)} (--format on the command line)"
-    )
-
-
 def _manifest_val(meta: dict[str, Any]) -> list[str]:
     for key in ("manifest", "split_manifest"):
         manifest = meta.get(key)

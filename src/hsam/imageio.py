@@ -23,7 +23,7 @@ Supported inputs: ``.nii``, ``.nii.gz``, ``.mha``, ``.mhd`` (+ data file), ``.nr
 folder holding one DICOM series (read with SimpleITK's ``ImageSeriesReader``/GDCM).
 
 :func:`read_image` is the one reading path of every command (``predict`` through
-:func:`read_volume`, ``train``/``evaluate``/``prepare`` through :mod:`hsam.data.readers`). It
+:func:`read_volume`, ``train``/``evaluate``/``prepare`` through :mod:`hsam.data.formats`). It
 adds the checks SimpleITK does not make: a truncated NIfTI (ITK zero-fills it), NaN/inf voxels
 (ITK's NIfTI reader turns them into 0, so NIfTI data are checked with nibabel), NIfTI-2 (not
 supported), and DICOM series with unreadable slice files or uneven slice positions.
@@ -46,7 +46,6 @@ import numpy as np
 import SimpleITK as sitk  # noqa: N813
 
 from hsam.atomic import atomic_output as _atomic_output
-from hsam.atomic import atomic_write_text as _atomic_write_text
 from hsam.atomic import refuse_existing
 from hsam.errors import DataError
 
@@ -456,7 +455,7 @@ class ImageFile:
 def read_image(path: str | os.PathLike) -> ImageFile:
     """Read a volume file or DICOM folder with every integrity check: the one reading path of
     every command (``predict`` through :func:`read_volume`; ``train``, ``evaluate`` and
-    ``prepare`` through :mod:`hsam.data.readers`).
+    ``prepare`` through :mod:`hsam.data.formats`).
 
     Refused with a :class:`DataError` naming the file: a missing path, an unsupported
     extension, NIfTI-2, a truncated or corrupt file, NaN/inf voxels, a DICOM series with
@@ -648,13 +647,6 @@ def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
         path, overwrite=overwrite, suffix=_file_extension(path), companions=_companions(path)
     ) as tmp:
         yield tmp
-
-
-def atomic_write_text(path: str | os.PathLike, text: str, *, overwrite: bool = False) -> Path:
-    """Write ``text`` to ``path`` atomically, refusing an existing file unless ``overwrite``."""
-    _atomic_write_text(path, text, overwrite=overwrite)
-    logger.info("wrote %s", path)
-    return Path(path)
 
 
 # --------------------------------------------------------------------------------------------

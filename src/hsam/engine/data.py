@@ -27,14 +27,11 @@ from hsam.data import (
     select_cases,
     standard_split_path,
 )
+from hsam.data.formats import get_format
 from hsam.errors import DataError
 from hsam.intensity import policy_for, to_model_range
 
 logger = logging.getLogger(__name__)
-
-# Reader intensity of 2-D slice files (hsam.data.readers): Synapse npz are CT-windowed,
-# SSL4MIS ACDC slices are min-max normalised per volume.
-_SLICE_FILE_INTENSITY = {"synapse": "ct_window[-125,275]", "acdc": "minmax"}
 
 
 @dataclass
@@ -121,12 +118,14 @@ def build_run_data(data: DataConfig, train: TrainConfig, image_size: int) -> Run
         case_ids = list(dict.fromkeys(parse_slice_id(s)[0] for s in slice_ids))
         train_ids, val_ids = carve_validation(case_ids, data.val_cases, data.val_seed)
         kept = [s for s in slice_ids if parse_slice_id(s)[0] in set(train_ids)]
-        applied = _SLICE_FILE_INTENSITY.get(data.format)
-        if applied is None:
+        # what the format's slice files already hold (Synapse npz: CT window; ACDC: minmax)
+        slice_files = get_format(data.format).slice_files
+        if slice_files is None:
             raise DataError(
                 f"data.train_slices_list works with slice files (synapse, acdc), not "
                 f"{data.format!r}; use data.train_list / train_cases instead."
             )
+        applied = slice_files.intensity
         policy = data.intensity or policy_for(applied)
         dataset = SliceDataset.from_slice_list(
             data.format,
