@@ -264,5 +264,5 @@ def test_evaluate_cases_refuses_cases_that_do_not_fit(workspace):
     three = dataclasses.replace(case, label=case.label * 3)
     with pytest.raises(CheckpointError, match=r"predicts 1 foreground.*label values up to 3"):
         next(evaluate_cases(predictor, [three], source="my data"))
-    with pytest.raises(ValueError, match="one predictor"):
+    with pytest.raises(ConfigError, match="one predictor"):
         next(evaluate_cases([predictor, predictor], [case], prefix_cache=object()))  # type: ignore[arg-type]

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from hsam.data import Case
-from hsam.errors import CheckpointError, DataError
+from hsam.errors import CheckpointError, ConfigError, DataError
 from hsam.metrics import dice, evaluate_case
 from hsam.postprocess import postprocess_labels
 from hsam.predictor import Prediction, Predictor, check_postprocess, predict_shared
@@ -163,12 +163,21 @@ def evaluate_cases(
 
     Raises:
         DataError: an unlabelled case. CheckpointError: a case's classes differ from a
-        predictor's. ValueError: a prefix cache with several predictors.
+        predictor's. ConfigError: a prefix cache with several predictors, or not built
+        for the predictor's model.
     """
     shared = not isinstance(predictors, Predictor)
     group = list(predictors) if shared else [predictors]  # type: ignore[list-item]
     if prefix_cache is not None and len(group) != 1:
-        raise ValueError("a prefix cache of validation volumes serves one predictor only")
+        raise ConfigError(
+            "a prefix cache of validation volumes serves one predictor only; score the "
+            "predictors one at a time, or pass them without the cache"
+        )
+    if prefix_cache is not None and prefix_cache.start_unit != group[0].prefix_units:
+        raise ConfigError(
+            f"the prefix cache ends at encoder unit {prefix_cache.start_unit}, but the model's "
+            f"first LoRA unit is {group[0].prefix_units}; build the cache for this model"
+        )
     methods: list[str | None] = [None]
     if postprocess is not None:
         methods = [check_postprocess(m) for m in postprocess]
