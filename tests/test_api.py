@@ -19,7 +19,7 @@ import torch
 import hsam
 from hsam.checkpoint import save_checkpoint
 from hsam.config import DataConfig, ModelConfig, TrainConfig, to_dict
-from hsam.errors import CheckpointError, ConfigError
+from hsam.errors import ConfigError, DataError
 from hsam.inference import predict_volume
 from hsam.intensity import to_model_range
 from hsam.metrics import evaluate_case
@@ -256,13 +256,14 @@ def test_evaluate_cases_scores_what_evaluate_case_gives(workspace):
     assert dice_only.scores[0].dice == first[0].dice and dice_only.scores[0].rows == []
 
 
-def test_evaluate_cases_refuses_cases_that_do_not_fit(workspace):
+def test_evaluate_cases_needs_labelled_cases_that_fit(workspace):
     predictor = Predictor.from_checkpoint(
         workspace / "runs" / "mine" / "checkpoints" / "best.pt", device="cpu"
     )
     (case,) = hsam.read_dataset("nnunet", workspace / "MyDataset", ["case0"])
-    three = dataclasses.replace(case, label=case.label * 3)
-    with pytest.raises(CheckpointError, match=r"predicts 1 foreground.*label values up to 3"):
-        next(evaluate_cases(predictor, [three], source="my data"))
+    with pytest.raises(DataError, match="case0 .* has no label map"):
+        next(evaluate_cases(predictor, [dataclasses.replace(case, label=None)]))
+    with pytest.raises(DataError, match=r"gt_labels has labels in \[0, 3\]"):
+        next(evaluate_cases(predictor, [dataclasses.replace(case, label=case.label * 3)]))
     with pytest.raises(ConfigError, match="one predictor"):
         next(evaluate_cases([predictor, predictor], [case], prefix_cache=object()))  # type: ignore[arg-type]

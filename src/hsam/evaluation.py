@@ -223,6 +223,28 @@ def resolve_data(
 # --------------------------------------------------------------------------------------------
 # per case
 # --------------------------------------------------------------------------------------------
+def check_classes(case: Case, predictor: Predictor, source: str) -> None:
+    """CheckpointError when the case's label map does not fit the predictor's K classes
+    (DataError when it has none)."""
+    k = predictor.num_classes
+    k_data = case.num_classes
+    if case.label is None:
+        raise DataError(
+            f"case {case.case_id} ({case.source}) has no label map; evaluate needs labelled "
+            "cases (use predict for unlabelled ones)"
+        )
+    top = int(case.label.max()) if case.label.size else 0
+    if top > k or (k_data and k_data != k):
+        found = k_data if k_data else top
+        named = ", ".join(f"{c} {n}" for c, n in sorted(case.label_names.items()) if c > 0)
+        raise CheckpointError(
+            f"checkpoint {predictor.name} predicts {k} foreground class(es) but the data "
+            f"({source}, case {case.case_id}) has {found} (label values up to {top}"
+            + (f"; classes {named}" if named else "")
+            + "); evaluate with a checkpoint trained on this label map"
+        )
+
+
 def _geometry(case: Case) -> Geometry:
     """The case's grid for :func:`~hsam.imageio.write_label_volume` (the writer of ``predict``);
     with the source's NIfTI-1 header, so a saved prediction keeps its qform/sform."""
@@ -371,6 +393,7 @@ def evaluate_checkpoint(
             for cid in bar:  # read lazily: evaluate_cases scores each case before the next
                 read_ids.append(cid)
                 (case,) = read_dataset(fmt, root, [cid])
+                check_classes(case, predictor, source)
                 yield case
 
         def save(case: Case, _: int, prediction: Prediction) -> None:
@@ -387,7 +410,6 @@ def evaluate_checkpoint(
             nsd_tolerance_mm=nsd_tolerance_mm,
             volume_factor=volume_factor,
             save=save if save_predictions else None,
-            source=source,
         )
         for evaluation in evaluations:
             case, (score,) = evaluation.case, evaluation.scores

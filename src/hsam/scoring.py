@@ -3,12 +3,13 @@
 :func:`evaluate_cases` is what ``hsam evaluate`` (:mod:`hsam.evaluation`), the demo
 (:mod:`hsam.demo`), the few-shot benchmark (``benchmarks/fewshot.py``) and validation during
 training (:func:`hsam.engine.trainer.validation_dice`) run. For each labelled
-:class:`~hsam.data.Case` it checks the label map fits the predictors' K classes, segments the
-volume with every :class:`~hsam.predictor.Predictor` (several of them share one frozen encoder
-prefix per slice, :func:`hsam.predictor.predict_shared`), optionally hands each prediction to a
-``save`` callback (which may return the labels to score instead, e.g. read back from the file it
-wrote), and scores it in 3-D per class (:func:`hsam.metrics.evaluate_case`: Dice, HD95, NSD under
-both policies, rows for :func:`hsam.reports.write_reports`; or the legacy Dice alone).
+:class:`~hsam.data.Case` it segments the volume with every :class:`~hsam.predictor.Predictor`
+(several of them share one frozen encoder prefix per slice,
+:func:`hsam.predictor.predict_shared`), optionally hands each prediction to a ``save`` callback
+(which may return the labels to score instead, e.g. read back from the file it wrote), and
+scores it in 3-D per class (:func:`hsam.metrics.evaluate_case`: Dice, HD95, NSD under both
+policies, rows for :func:`hsam.reports.write_reports`; or the legacy Dice alone). Checks of
+what the data should be (e.g. ``evaluate``'s class-count check) stay with the callers.
 
 Results come one :class:`CaseEvaluation` per case, as they are computed, so callers keep their
 own progress bars, logs and reports; cases may be read lazily by a generator.
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from hsam.data import Case
-from hsam.errors import CheckpointError, ConfigError, DataError
+from hsam.errors import ConfigError, DataError
 from hsam.metrics import dice, evaluate_case
 from hsam.postprocess import postprocess_labels
 from hsam.predictor import Prediction, Predictor, check_postprocess, predict_shared
@@ -34,7 +35,7 @@ from hsam.volume_check import VolumeWarning
 if TYPE_CHECKING:  # the engine's cache type only; scoring does not depend on the engine
     from hsam.engine.prefix_cache import PrefixCache
 
-__all__ = ["CaseEvaluation", "CaseScore", "SaveCallback", "check_classes", "evaluate_cases"]
+__all__ = ["CaseEvaluation", "CaseScore", "SaveCallback", "class_names", "evaluate_cases"]
 
 #: ``save(case, predictor index, prediction)``: called with each prediction before it is
 #: scored; returns the labels to score (e.g. read back from the file it wrote), or None to
@@ -73,28 +74,6 @@ class CaseEvaluation:
     case: Case
     scores: list[CaseScore]
     seconds: float
-
-
-def check_classes(case: Case, predictor: Predictor, source: str) -> None:
-    """A labelled case whose label map fits the predictor's K classes, else DataError (no
-    label map) or CheckpointError (both class counts named)."""
-    k = predictor.num_classes
-    k_data = case.num_classes
-    if case.label is None:
-        raise DataError(
-            f"case {case.case_id} ({case.source}) has no label map; evaluate needs labelled "
-            "cases (use predict for unlabelled ones)"
-        )
-    top = int(case.label.max()) if case.label.size else 0
-    if top > k or (k_data and k_data != k):
-        found = k_data if k_data else top
-        named = ", ".join(f"{c} {n}" for c, n in sorted(case.label_names.items()) if c > 0)
-        raise CheckpointError(
-            f"checkpoint {predictor.name} predicts {k} foreground class(es) but the data "
-            f"({source}, case {case.case_id}) has {found} (label values up to {top}"
-            + (f"; classes {named}" if named else "")
-            + "); evaluate with a checkpoint trained on this label map"
-        )
 
 
 def class_names(case: Case, predictor: Predictor) -> dict[int, str]:
@@ -139,7 +118,6 @@ def evaluate_cases(
     volume_factor: float | None = None,
     save: SaveCallback | None = None,
     prefix_cache: PrefixCache | None = None,
-    source: str = "the data",
 ) -> Iterator[CaseEvaluation]:
     """Segment and score every labelled case; one :class:`CaseEvaluation` per case, in order.
 
@@ -159,12 +137,10 @@ def evaluate_cases(
         save: called with each prediction before it is scored (:data:`SaveCallback`).
         prefix_cache: a training run's cache of the validation volumes' encoder prefix, keyed
             by case id (one predictor only).
-        source: names the data in error messages.
 
     Raises:
-        DataError: an unlabelled case. CheckpointError: a case's classes differ from a
-        predictor's. ConfigError: a prefix cache with several predictors, or not built
-        for the predictor's model.
+        DataError: an unlabelled case, label values above a predictor's K. ConfigError: a
+        prefix cache with several predictors, or not built for the predictor's model.
     """
     shared = not isinstance(predictors, Predictor)
     group = list(predictors) if shared else [predictors]  # type: ignore[list-item]
@@ -187,9 +163,11 @@ def evaluate_cases(
         case = next(it, None)  # timed from the read of the case (a lazy iterable reads here)
         if case is None:
             return
-        for predictor in group:
-            check_classes(case, predictor, source)
-        assert case.label is not None  # checked above
+        if case.label is None:
+            raise DataError(
+                f"case {case.case_id} ({case.source}) has no label map; scoring needs labelled "
+                "cases (use predict for unlabelled ones)"
+            )
         predictions = _predict(group, case, shared=shared, prefix_cache=prefix_cache)
         scores = []
         for index, (predictor, prediction) in enumerate(zip(group, predictions, strict=True)):
