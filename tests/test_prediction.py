@@ -36,15 +36,11 @@ from conftest import (
 from hsam.build import build_hsam
 from hsam.checkpoint import save_checkpoint
 from hsam.config import ModelConfig
+from hsam.devices import resolve_device
 from hsam.errors import CheckpointError, ConfigError, DataError, OutputExistsError
 from hsam.imageio import read_volume
-from hsam.prediction import (
-    checkpoint_label_names,
-    load_inference_model,
-    plan_outputs,
-    predict_files,
-    resolve_device,
-)
+from hsam.prediction import plan_outputs, predict_files
+from hsam.predictor import Predictor, checkpoint_label_names
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -152,8 +148,8 @@ def test_label_names_accept_int_and_str_keys():
         checkpoint_label_names({"label_names": {"liver": 1}}, 1)
 
 
-def test_load_inference_model_reads_meta(mr_checkpoint):
-    m = load_inference_model(mr_checkpoint, device="cpu")
+def test_predictor_from_checkpoint_reads_meta(mr_checkpoint):
+    m = Predictor.from_checkpoint(mr_checkpoint, device="cpu")
     assert m.num_classes == 1
     assert m.intensity_policy == MR_POLICY
     assert m.label_names == {0: "background", 1: "sphere"}
@@ -163,8 +159,8 @@ def test_load_inference_model_reads_meta(mr_checkpoint):
 def test_checkpoint_without_policy_needs_an_override(tmp_path):
     ckpt = make_checkpoint(tmp_path / "nopolicy.pt", policy=None)
     with pytest.raises(CheckpointError, match="intensity_policy"):
-        load_inference_model(ckpt, device="cpu")
-    m = load_inference_model(ckpt, device="cpu", intensity_policy=CT_POLICY)
+        Predictor.from_checkpoint(ckpt, device="cpu")
+    m = Predictor.from_checkpoint(ckpt, device="cpu", intensity_policy=CT_POLICY)
     assert m.intensity_policy == CT_POLICY
 
 
@@ -175,8 +171,8 @@ def test_stage_2_of_a_one_stage_model_is_refused(tmp_path):
         ckpt, build_hsam(cfg), config=run_config(cfg), meta={"intensity_policy": MR_POLICY}
     )
     with pytest.raises(ConfigError, match="one-stage"):
-        load_inference_model(ckpt, device="cpu", stage="2")
-    load_inference_model(ckpt, device="cpu", stage=1)
+        Predictor.from_checkpoint(ckpt, device="cpu", stage="2")
+    Predictor.from_checkpoint(ckpt, device="cpu", stage=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,7 +488,7 @@ def test_incomplete_checkpoint_is_a_clear_error(tmp_path, missing):
     del payload[missing]
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match=f"incomplete or damaged \\('{missing}' is missing"):
-        load_inference_model(path, device="cpu")
+        Predictor.from_checkpoint(path, device="cpu")
     assert main(["info", "--checkpoint", str(path)]) == 2
 
 
@@ -503,7 +499,7 @@ def test_resume_state_given_as_checkpoint_says_what_to_use(tmp_path):
     last.parent.mkdir()
     torch.save({"format": RESUME_FORMAT, "state_dict": {}, "next_epoch": 3}, last)
     with pytest.raises(CheckpointError, match="resume state.*use best.pt or final.pt"):
-        load_inference_model(last, device="cpu")
+        Predictor.from_checkpoint(last, device="cpu")
 
 
 class _Pickled:
@@ -515,7 +511,7 @@ def test_pickled_objects_are_refused_without_torchs_advice(tmp_path):
     path = tmp_path / "old_last.pt"
     torch.save({"rng": _Pickled()}, path)
     with pytest.raises(CheckpointError, match="objects other than tensors") as info:
-        load_inference_model(path, device="cpu")
+        Predictor.from_checkpoint(path, device="cpu")
     assert "weights_only" not in str(info.value)
 
 

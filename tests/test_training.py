@@ -356,12 +356,12 @@ def test_cached_validation_reuses_volume_prefix_and_matches(tmp_path):
         bf16=False,
         show_progress=False,
     )
-    plain = validation_dice(model, data.val_cases, 1, 2)
-    cached = validation_dice(model, data.val_cases, 1, 2, cache=cache)
+    plain = validation_dice(model, data.val_cases, 2)
+    cached = validation_dice(model, data.val_cases, 2, cache=cache)
     assert cached == pytest.approx(plain, abs=1e-12)
     assert set(cache.volumes) == {c.case_id for c in data.val_cases}
     features = next(iter(cache.volumes.values()))
-    validation_dice(model, data.val_cases, 1, 2, cache=cache)  # second use: no recompute
+    validation_dice(model, data.val_cases, 2, cache=cache)  # second use: no recompute
     assert next(iter(cache.volumes.values())) is features
 
 

@@ -1,10 +1,12 @@
 """`hsam evaluate`: score a checkpoint on labelled volumes with the field's metrics.
 
-For every case of the chosen split: the image is mapped to ``[0, 1]`` with the checkpoint's
-intensity policy (the reader's own preprocessing, ``Case.intensity``, is taken into account),
-segmented slice by slice along axis 0 (:func:`hsam.inference.predict_volume`, every slice),
-and scored in 3-D per class with :func:`hsam.metrics.evaluate_case` (Dice, HD95, NSD under the
-``legacy`` and ``strict`` policies, with the case's voxel spacing). Reports
+For every case of the chosen split, :func:`hsam.scoring.evaluate_cases` (the loop shared with
+the demo, the few-shot benchmark and validation during training) maps the image to ``[0, 1]``
+with the checkpoint's intensity policy (the reader's own preprocessing, ``Case.intensity``, is
+taken into account), segments it slice by slice along axis 0 with a
+:class:`hsam.predictor.Predictor` (every slice), and scores it in 3-D per class with
+:func:`hsam.metrics.evaluate_case` (Dice, HD95, NSD under the ``legacy`` and ``strict``
+policies, with the case's voxel spacing). Reports
 (:func:`hsam.reports.write_reports`): ``per_case.csv``, ``summary.json`` (per-class and mean
 metrics, both policies, bootstrap CIs) and ``table.md`` (shaped like H-SAM's Table 1), plus
 ``evaluation.json`` (what was evaluated: checkpoint, data, split, case ids, stage, intensity
@@ -44,7 +46,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,19 +61,17 @@ from hsam.data import Case, list_cases, read_dataset, read_list
 from hsam.data.formats import FORMATS, detect_format
 from hsam.errors import CheckpointError, ConfigError, DataError
 from hsam.imageio import Geometry, refuse_existing, write_label_volume
-from hsam.intensity import to_model_range
-from hsam.metrics import evaluate_case
-from hsam.prediction import (
-    InferenceModel,
+from hsam.predictor import (
+    Prediction,
+    Predictor,
     check_batch_size,
     check_postprocess,
     check_precision,
     check_volume_factor,
-    load_inference_model,
-    log_volume_check,
     normalize_stage,
 )
-from hsam.reports import case_rows, write_reports
+from hsam.reports import write_reports
+from hsam.scoring import evaluate_cases
 from hsam.volume_check import DEFAULT_FACTOR
 
 logger = logging.getLogger(__name__)
@@ -190,9 +190,10 @@ def resolve_data(
 # --------------------------------------------------------------------------------------------
 # per case
 # --------------------------------------------------------------------------------------------
-def check_classes(case: Case, model: InferenceModel, source: str) -> None:
-    """CheckpointError when the case's label map does not fit the model's K classes."""
-    k = model.num_classes
+def check_classes(case: Case, predictor: Predictor, source: str) -> None:
+    """CheckpointError when the case's label map does not fit the predictor's K classes
+    (DataError when it has none)."""
+    k = predictor.num_classes
     k_data = case.num_classes
     if case.label is None:
         raise DataError(
@@ -204,18 +205,11 @@ def check_classes(case: Case, model: InferenceModel, source: str) -> None:
         found = k_data if k_data else top
         named = ", ".join(f"{c} {n}" for c, n in sorted(case.label_names.items()) if c > 0)
         raise CheckpointError(
-            f"checkpoint {model.checkpoint} predicts {k} foreground class(es) but the data "
+            f"checkpoint {predictor.name} predicts {k} foreground class(es) but the data "
             f"({source}, case {case.case_id}) has {found} (label values up to {top}"
             + (f"; classes {named}" if named else "")
             + "); evaluate with a checkpoint trained on this label map"
         )
-
-
-def _class_names(case: Case, model: InferenceModel) -> dict[int, str]:
-    names = {c: n for c, n in case.label_names.items() if 0 < c <= model.num_classes}
-    if len(names) == model.num_classes:
-        return names
-    return {c: n for c, n in model.label_names.items() if c > 0}
 
 
 def _geometry(case: Case) -> Geometry:
@@ -303,18 +297,23 @@ def evaluate_checkpoint(
     if not overwrite:
         refuse_existing(report_paths)
     check_writable_folder(out, "report folder")  # before the model is loaded or anything run
-    model = load_inference_model(
+    predictor = Predictor.from_checkpoint(
         checkpoint,
         device=device,
         backbone_weights=backbone_weights,
         intensity_policy=intensity_policy,
         stage=stage,
+        batch_size=batch_size,
+        precision=prec,
+        postprocess=postprocess,
     )
-    cfg, fmt, root = resolve_data(data, checkpoint_config=model.loaded.config, format=format)
-    if cfg is not None and data is not None and cfg.num_classes != model.num_classes:
+    loaded = predictor.loaded
+    assert loaded is not None  # from a checkpoint
+    cfg, fmt, root = resolve_data(data, checkpoint_config=loaded.config, format=format)
+    if cfg is not None and data is not None and cfg.num_classes != predictor.num_classes:
         raise CheckpointError(
-            f"checkpoint {checkpoint} predicts {model.num_classes} foreground class(es) but the "
-            f"config {data} has data.num_classes = {cfg.num_classes}; evaluate a checkpoint "
+            f"checkpoint {checkpoint} predicts {predictor.num_classes} foreground class(es) but "
+            f"the config {data} has data.num_classes = {cfg.num_classes}; evaluate a checkpoint "
             "trained on this label map"
         )
     ids, ids_from = resolve_split(
@@ -322,7 +321,7 @@ def evaluate_checkpoint(
         fmt=fmt,
         root=root,
         test_list=cfg.test_list if cfg is not None else None,
-        meta=model.loaded.meta,
+        meta=loaded.meta,
         from_config=cfg is not None,
     )
     if not ids:
@@ -342,10 +341,10 @@ def evaluate_checkpoint(
         ids_from,
         stage,
         prec,
-        model.device,
-        model.intensity_policy,
+        predictor.device,
+        predictor.intensity_policy,
     )
-    log_volume_check(model, volume_factor)
+    predictor.log_volume_check(volume_factor)
 
     out_existed = out.exists()
     staging: Path | None = None
@@ -355,50 +354,49 @@ def evaluate_checkpoint(
         flagged: list[tuple[str, str]] = []
         start = time.perf_counter()
         bar = tqdm(ids, desc="evaluate", unit="case", disable=None if progress else True)
-        for cid in bar:
-            t0 = time.perf_counter()
-            (case,) = read_dataset(fmt, root, [cid])
-            check_classes(case, model, source)
-            image01 = to_model_range(case.image, model.intensity_policy, already=case.intensity)
-            labels, _ = model.segment(
-                image01,
-                stage=stage,
-                batch_size=batch_size,
-                precision=prec,
-                postprocess=postprocess,
-            )
-            assert case.label is not None  # checked above
-            result = evaluate_case(
-                labels, case.label, model.num_classes, case.spacing, nsd_tolerance_mm
-            )
-            names = _class_names(case, model)
-            found = model.check_volumes(
-                labels, f"case {case.case_id}", factor=volume_factor, label_names=names
-            )
-            flagged += [(case.case_id, w.class_name) for w in found]
-            rows += case_rows(
-                case.case_id,
-                result,
-                names,
-                volume_warnings={w.class_index: w.detail for w in found},
-            )
-            if save_predictions:
-                if staging is None:  # created lazily: a failure on the first case leaves no trace
-                    out.mkdir(parents=True, exist_ok=True)
-                    staging = Path(tempfile.mkdtemp(prefix=".hsam-evaluate-", dir=out))
-                write_label_volume(labels, _geometry(case), staging / pred_paths[cid].name)
-            seconds = time.perf_counter() - t0
-            dice = [c["legacy"]["dice"] for c in result["classes"]]
+        read_ids: list[str] = []  # the listed id of each case read (a reader may rename it)
+
+        def read_cases() -> Iterator[Case]:
+            for cid in bar:  # read lazily: evaluate_cases scores each case before the next
+                read_ids.append(cid)
+                (case,) = read_dataset(fmt, root, [cid])
+                check_classes(case, predictor, source)
+                yield case
+
+        def save(case: Case, _: int, prediction: Prediction) -> None:
+            nonlocal staging
+            if staging is None:  # created lazily: a failure on the first case leaves no trace
+                out.mkdir(parents=True, exist_ok=True)
+                staging = Path(tempfile.mkdtemp(prefix=".hsam-evaluate-", dir=out))
+            name = pred_paths[read_ids[-1]].name
+            write_label_volume(prediction.labels, _geometry(case), staging / name)
+
+        evaluations = evaluate_cases(
+            predictor,
+            read_cases(),
+            nsd_tolerance_mm=nsd_tolerance_mm,
+            volume_factor=volume_factor,
+            save=save if save_predictions else None,
+        )
+        for evaluation in evaluations:
+            case, (score,) = evaluation.case, evaluation.scores
+            flagged += [(case.case_id, w.class_name) for w in score.volume_warnings]
+            rows += score.rows
             per_case.append(
                 {
                     "case": case.case_id,
                     "shape": list(case.shape),
-                    "seconds": round(seconds, 3),
-                    "volume_warnings": [w.to_dict() for w in found],
+                    "seconds": round(evaluation.seconds, 3),
+                    "volume_warnings": [w.to_dict() for w in score.volume_warnings],
                 }
             )
-            logger.info("%s: legacy Dice %s (%.1f s)", cid, [round(d, 4) for d in dice], seconds)
-            bar.set_postfix(dice=f"{float(np.mean(dice)):.3f}")
+            logger.info(
+                "%s: legacy Dice %s (%.1f s)",
+                read_ids[-1],
+                [round(d, 4) for d in score.dice],
+                evaluation.seconds,
+            )
+            bar.set_postfix(dice=f"{float(np.mean(score.dice)):.3f}")
         total = time.perf_counter() - start
 
         info = {
@@ -407,23 +405,23 @@ def evaluate_checkpoint(
             "torch_version": str(torch.__version__),
             "checkpoint": str(checkpoint),
             "checkpoint_meta": {
-                k: model.loaded.meta[k]
+                k: loaded.meta[k]
                 for k in ("epoch", "metrics", "intensity_policy", "label_names")
-                if k in model.loaded.meta
+                if k in loaded.meta
             },
             "model": {
-                "backbone": model.loaded.model_config.backbone,
-                "image_size": model.loaded.model_config.image_size,
-                "num_classes": model.num_classes,
-                "stages": model.loaded.model_config.stages,
+                "backbone": loaded.model_config.backbone,
+                "image_size": loaded.model_config.image_size,
+                "num_classes": predictor.num_classes,
+                "stages": loaded.model_config.stages,
             },
             "data": {"format": fmt, "root": str(root), "split": split, "ids_from": ids_from},
             "cases": per_case,
             "stage": stage,
             "precision": prec,
-            "device": str(model.device),
+            "device": str(predictor.device),
             "batch_size": batch_size,
-            "intensity_policy": model.intensity_policy,
+            "intensity_policy": predictor.intensity_policy,
             "nsd_tolerance_mm": nsd_tolerance_mm
             if isinstance(nsd_tolerance_mm, (int, float))
             else list(nsd_tolerance_mm),
@@ -431,9 +429,9 @@ def evaluate_checkpoint(
             "volume_check": {
                 "factor": volume_factor,
                 "class_volume_fraction_range": None
-                if model.volume_ranges is None
-                else {str(c): [lo, hi] for c, (lo, hi) in model.volume_ranges.items()},
-                "checked": volume_factor is not None and model.volume_ranges is not None,
+                if predictor.volume_ranges is None
+                else {str(c): [lo, hi] for c, (lo, hi) in predictor.volume_ranges.items()},
+                "checked": volume_factor is not None and predictor.volume_ranges is not None,
                 "n_warnings": len(flagged),
             },
         }

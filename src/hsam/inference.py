@@ -1,4 +1,5 @@
-"""Slice-wise inference over whole volumes (shared by validation, `evaluate`, `predict`, demo)."""
+"""Slice-wise inference of a model over whole [0, 1] volumes, with or without a shared frozen
+encoder prefix. The functions the Predictor (hsam.predictor) runs; applications use it."""
 
 from __future__ import annotations
 

@@ -17,7 +17,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from hsam.build import build_hsam
+from hsam.config import RunConfig
 from hsam.data import SliceDataset
+from hsam.engine.data import RunData, build_run_data
 from hsam.inference import encode_volume_prefix
 from hsam.modeling.hsam import HSAM
 
@@ -125,3 +128,25 @@ class PrefixCache:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             yield self.features[view][idx], self.labels[view][idx]
+
+
+def build_shared_prefix_cache(cfg: RunConfig) -> tuple[RunData, PrefixCache]:
+    """The run's data and its encoder-prefix cache, on the CPU, to hand to several runs that
+    train on the same data and frozen backbone (`run_training(..., cache=...)`: the demo's two
+    models, the few-shot benchmark's configurations of one seed).
+
+    The prefix ends at the model's first LoRA unit; views, batch size and precision are
+    `cfg.train`'s (`augmented_views`, `inference_batch_size`, `precision`)."""
+    tcfg = cfg.train
+    data = build_run_data(cfg.data, tcfg, cfg.model.image_size)
+    encoder = build_hsam(cfg.model, seed=tcfg.seed).model  # only its frozen units are used
+    cache = PrefixCache.build(
+        encoder,
+        data.train,
+        views=tcfg.augmented_views,
+        stop_unit=encoder.first_trainable_unit,
+        batch_size=tcfg.inference_batch_size,
+        device=torch.device("cpu"),
+        bf16=tcfg.precision == "bf16",
+    )
+    return data, cache

@@ -27,7 +27,7 @@ import random
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,16 +48,18 @@ from hsam.checkpoint import (
     save_checkpoint,
 )
 from hsam.config import RunConfig, config_differences, dump_yaml, from_dict, load_yaml, to_dict
+from hsam.data import Case
 from hsam.data.splits import manifest_sha256, write_manifest
 from hsam.devices import check_compile_supported
 from hsam.engine.data import RunData, build_run_data
 from hsam.engine.distributed import ProcessInfo, barrier, init_process, shutdown
 from hsam.engine.prefix_cache import PrefixCache
 from hsam.errors import CheckpointError, ConfigError, OutputExistsError, TrainingError
-from hsam.inference import predict_from_prefix, predict_volume
 from hsam.losses import hsam_loss, learning_rate, schedule_epoch, stage1_weight
-from hsam.metrics import dice
 from hsam.modeling.cmattn import class_noise_std_from_frequencies
+from hsam.modeling.hsam import HSAM
+from hsam.predictor import Predictor
+from hsam.scoring import evaluate_cases
 
 logger = logging.getLogger(__name__)
 
@@ -135,37 +137,22 @@ def seed_everything(seed: int) -> None:
 
 
 def validation_dice(
-    model: torch.nn.Module,
-    cases,
-    num_classes: int,
+    model: HSAM,
+    cases: Sequence[Case],
     batch_size: int,
     *,
     precision: str = "fp32",
     cache: PrefixCache | None = None,
 ) -> float:
-    """Mean over cases and classes of the 3-D Dice (legacy policy) on the validation cases.
+    """Mean over cases and classes of the 3-D Dice (legacy policy) on the validation cases
+    (images already in [0, 1]), scored by :func:`hsam.scoring.evaluate_cases`.
 
     With `cache`, the frozen encoder prefix of each volume is computed once and reused."""
-    scores = []
-    for case in cases:
-        if cache is None:
-            pred, _ = predict_volume(model, case.image, batch_size=batch_size, precision=precision)
-        else:
-            bf16 = precision == "bf16"
-            features = cache.volume_features(
-                model, case.case_id, case.image, batch_size=batch_size, bf16=bf16
-            )
-            pred = predict_from_prefix(
-                model,
-                features,
-                case.image.shape[1:],
-                prefix_units=cache.start_unit,
-                batch_size=batch_size,
-                precision=precision,
-            )
-        for c in range(1, num_classes + 1):
-            scores.append(dice(pred == c, case.label == c, "legacy"))
-    return float(np.mean(scores))
+    predictor = Predictor(
+        model=model, intensity_policy=None, batch_size=batch_size, precision=precision
+    )
+    evaluations = evaluate_cases(predictor, cases, metrics="dice", prefix_cache=cache)
+    return float(np.mean([d for e in evaluations for d in e.scores[0].dice]))
 
 
 class Trainer:
@@ -536,7 +523,6 @@ class Trainer:
                     score = validation_dice(
                         self.model,
                         self.data.val_cases,
-                        self.cfg.model.num_classes,
                         tcfg.inference_batch_size,
                         precision=tcfg.precision,
                         cache=self.cache,
