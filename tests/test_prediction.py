@@ -524,3 +524,30 @@ def test_log_lines_never_name_the_staging_folder(tmp_path, caplog):
         predict_files(ckpt, [src], tmp_path / "out", device="cpu", probabilities=True)
     assert ".hsam-predict-" not in caplog.text
     assert str(tmp_path / "out" / "a_seg.nii.gz") in caplog.text
+
+
+def test_staging_left_by_a_killed_run_is_removed_and_nothing_else(tmp_path):
+    """A kill between staging and the move leaves `.hsam-predict-<host>-<pid>-*`; the next
+    predict into that folder removes it, but not a live run's staging nor a look-alike."""
+    import subprocess
+    import sys
+
+    from hsam.atomic import make_staging_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    code = (
+        "import sys; from hsam.atomic import make_staging_dir; "
+        "p = make_staging_dir(sys.argv[1], 'predict'); (p / 'a_seg.nii.gz').write_text('cut'); "
+        "print(p)"
+    )
+    dead = Path(subprocess.check_output([sys.executable, "-c", code, str(out)], text=True).strip())
+    live = make_staging_dir(out, "predict")  # this process is alive
+    mine = out / ".hsam-predict-notes"
+    mine.mkdir()
+    ckpt = make_checkpoint(tmp_path / "k.pt", trained=False)
+    src = write_nifti(tmp_path / "a.nii.gz", bright_box_volume()[0], np.eye(4))
+    predict_files(ckpt, [src], out, device="cpu", progress=False)
+    assert not dead.exists()
+    assert live.is_dir() and mine.is_dir()
+    assert (out / "a_seg.nii.gz").is_file()

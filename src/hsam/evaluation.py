@@ -44,7 +44,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -55,7 +54,12 @@ import torch
 from tqdm.auto import tqdm
 
 import hsam
-from hsam.atomic import atomic_write_text, check_writable_folder
+from hsam.atomic import (
+    atomic_write_text,
+    check_writable_folder,
+    make_staging_dir,
+    remove_stale_staging_dirs,
+)
 from hsam.config import DataConfig, from_dict, load_run_config
 from hsam.data import Case, list_cases, read_dataset, read_list
 from hsam.data.formats import FORMATS, detect_format
@@ -367,7 +371,8 @@ def evaluate_checkpoint(
             nonlocal staging
             if staging is None:  # created lazily: a failure on the first case leaves no trace
                 out.mkdir(parents=True, exist_ok=True)
-                staging = Path(tempfile.mkdtemp(prefix=".hsam-evaluate-", dir=out))
+                remove_stale_staging_dirs(out, "evaluate")
+                staging = make_staging_dir(out, "evaluate")
             name = pred_paths[read_ids[-1]].name
             write_label_volume(prediction.labels, _geometry(case), staging / name)
 

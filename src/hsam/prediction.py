@@ -49,7 +49,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +57,7 @@ import numpy as np
 import SimpleITK as sitk  # noqa: N813
 from tqdm.auto import tqdm
 
-from hsam.atomic import check_writable_folder
+from hsam.atomic import check_writable_folder, make_staging_dir, remove_stale_staging_dirs
 from hsam.errors import DataError
 from hsam.imageio import (
     SUPPORTED_EXTENSIONS,
@@ -249,7 +248,8 @@ def _write_one(
     labels, probs = prediction.labels, prediction.probabilities
     dest_dir = target.labels.parent
     dest_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".hsam-predict-", dir=dest_dir))
+    remove_stale_staging_dirs(dest_dir, "predict")
+    staging = make_staging_dir(dest_dir, "predict")
     try:
         write_label_volume(labels, vol.geometry, staging / target.labels.name)
         if target.probabilities is not None and probs is not None:
