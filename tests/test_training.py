@@ -121,12 +121,16 @@ def test_split_is_deterministic_for_a_seed(tmp_path):
     assert len({tuple(split(seed)[0]) for seed in range(6)}) > 1
 
 
-def test_resume_reaches_the_same_weights(tmp_path):
+@pytest.mark.parametrize("stop_after", [1, 2])
+def test_resume_reaches_the_same_weights(tmp_path, stop_after):
+    """Interrupted after epoch `stop_after` of 3 and resumed: the same weights, config and
+    metrics as an uninterrupted run."""
     cfg = load_run_config(tiny_run_config(tmp_path))
     full = run_training(cfg, tmp_path / "full")
     cfg = load_run_config(tiny_run_config(tmp_path))
-    part = run_training(cfg, tmp_path / "part", stop_after=1)
-    assert part.epochs_run == 1 and not (tmp_path / "part/checkpoints/final.pt").exists()
+    part = run_training(cfg, tmp_path / "part", stop_after=stop_after)
+    assert part.epochs_run == stop_after
+    assert not (tmp_path / "part/checkpoints/final.pt").exists()
     assert (
         main(["train", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "part"), "--resume"])
         == 0
@@ -136,6 +140,35 @@ def test_resume_reaches_the_same_weights(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    run_a, run_b = full.run_dir, tmp_path / "part"
+    assert (run_a / "config.yaml").read_text() == (run_b / "config.yaml").read_text()
+
+    def records(run: Path) -> list[dict]:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"} for line in lines]
+
+    assert records(run_a) == records(run_b)
+
+
+def test_training_leaves_the_callers_config_as_it_was(tmp_path):
+    """The class noise stds the run computes go to config.yaml and the checkpoints, not into
+    the config object the caller passed (which may be reused for another run)."""
+    from hsam.config import to_dict
+
+    cfg = load_run_config(tiny_run_config(tmp_path, epochs=1))
+    assert cfg.model.class_noise_std is None
+    before = to_dict(cfg)
+    result = run_training(cfg, tmp_path / "run")
+    assert to_dict(cfg) == before
+    stored = yaml.safe_load((result.run_dir / "config.yaml").read_text())
+    assert len(stored["model"]["class_noise_std"]) == 2
+    final = torch.load(result.final_checkpoint, weights_only=True)
+    assert final["config"]["model"]["class_noise_std"] == stored["model"]["class_noise_std"]
+    # ...so the same object trains the same run again
+    again = run_training(cfg, tmp_path / "again")
+    assert to_dict(cfg) == before
+    a, b = _trainable(result.final_checkpoint), _trainable(again.final_checkpoint)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_refuses_a_changed_config(tmp_path, caplog):

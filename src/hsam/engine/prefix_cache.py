@@ -18,7 +18,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from hsam.build import build_hsam
-from hsam.config import RunConfig
+from hsam.config import RunConfig, TrainConfig
 from hsam.data import SliceDataset
 from hsam.engine.data import RunData, build_run_data
 from hsam.inference import encode_volume_prefix
@@ -103,6 +103,29 @@ class PrefixCache:
         )
         return cache
 
+    @classmethod
+    def for_run(
+        cls,
+        model: HSAM,
+        dataset: SliceDataset,
+        train: TrainConfig,
+        *,
+        device: torch.device,
+        show_progress: bool = True,
+    ) -> PrefixCache:
+        """The cache a run of `train` uses: up to `model`'s first LoRA unit, with the run's
+        views (`augmented_views`), batch size (`inference_batch_size`) and precision."""
+        return cls.build(
+            model,
+            dataset,
+            views=train.augmented_views,
+            stop_unit=model.first_trainable_unit,
+            batch_size=train.inference_batch_size,
+            device=device,
+            bf16=train.precision == "bf16",
+            show_progress=show_progress,
+        )
+
     def volume_features(
         self, model: HSAM, case_id: str, volume: np.ndarray, *, batch_size: int, bf16: bool
     ) -> Tensor:
@@ -135,18 +158,9 @@ def build_shared_prefix_cache(cfg: RunConfig) -> tuple[RunData, PrefixCache]:
     train on the same data and frozen backbone (`run_training(..., cache=...)`: the demo's two
     models, the few-shot benchmark's configurations of one seed).
 
-    The prefix ends at the model's first LoRA unit; views, batch size and precision are
-    `cfg.train`'s (`augmented_views`, `inference_batch_size`, `precision`)."""
+    See :meth:`PrefixCache.for_run` for what it holds."""
     tcfg = cfg.train
     data = build_run_data(cfg.data, tcfg, cfg.model.image_size)
     encoder = build_hsam(cfg.model, seed=tcfg.seed).model  # only its frozen units are used
-    cache = PrefixCache.build(
-        encoder,
-        data.train,
-        views=tcfg.augmented_views,
-        stop_unit=encoder.first_trainable_unit,
-        batch_size=tcfg.inference_batch_size,
-        device=torch.device("cpu"),
-        bf16=tcfg.precision == "bf16",
-    )
+    cache = PrefixCache.for_run(encoder, data.train, tcfg, device=torch.device("cpu"))
     return data, cache

@@ -164,8 +164,7 @@ class RunParts:
 
     config: RunConfig  # resolved: what config.yaml and the checkpoints record
     data: RunData
-    built: BuiltModel  # `built.model` is `model`, on the run's device
-    model: HSAM
+    built: BuiltModel  # its model on the run's device
     # What the loop calls: `model`, or its DDP / torch.compile wrapper.
     net: torch.nn.Module
     ddp: DistributedDataParallel | None
@@ -174,8 +173,15 @@ class RunParts:
     batches: MicroBatches
     cache: PrefixCache | None
 
+    @property
+    def model(self) -> HSAM:
+        """The network itself (what checkpoints and validation use)."""
+        return self.built.model
 
-def _wrap(model: HSAM, cfg: RunConfig, process: ProcessInfo):
+
+def _wrap(
+    model: HSAM, cfg: RunConfig, process: ProcessInfo
+) -> tuple[torch.nn.Module, DistributedDataParallel | None]:
     """(net, ddp): the module the loop calls and its DDP wrapper, if distributed."""
     net: torch.nn.Module = model
     ddp = None
@@ -217,22 +223,14 @@ def build_run_parts(
             f"model's first LoRA unit is {model.first_trainable_unit}."
         )
     if tcfg.cache_encoder_prefix and cache is None:
-        cache = PrefixCache.build(
-            model,
-            data.train,
-            views=tcfg.augmented_views,
-            stop_unit=model.first_trainable_unit,
-            batch_size=tcfg.inference_batch_size,
-            device=process.device,
-            bf16=tcfg.precision == "bf16",
-            show_progress=process.is_main,
+        cache = PrefixCache.for_run(
+            model, data.train, tcfg, device=process.device, show_progress=process.is_main
         )
     batches = MicroBatches(dataset=data.train, train=tcfg, process=process, cache=cache)
     return RunParts(
         config=cfg,
         data=data,
         built=built,
-        model=model,
         net=net,
         ddp=ddp,
         optimizer=optimizer,
