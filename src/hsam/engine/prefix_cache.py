@@ -138,7 +138,7 @@ def build_shared_prefix_cache(cfg: RunConfig) -> tuple[RunData, PrefixCache]:
     The prefix ends at the model's first LoRA unit; views, batch size and precision are
     `cfg.train`'s (`augmented_views`, `inference_batch_size`, `precision`)."""
     tcfg = cfg.train
-    data = build_run_data(cfg.data, tcfg, cfg.model.image_size)
+    data = build_run_data(cfg.data, tcfg, cfg.model.image_size, num_classes=cfg.model.num_classes)
     encoder = build_hsam(cfg.model, seed=tcfg.seed).model  # only its frozen units are used
     cache = PrefixCache.build(
         encoder,

@@ -174,7 +174,9 @@ class Trainer:
         self.ckpt_dir = run_dir / "checkpoints"
         tcfg = cfg.train
         seed_everything(tcfg.seed)
-        self.data: RunData = build_run_data(cfg.data, tcfg, cfg.model.image_size)
+        self.data: RunData = build_run_data(
+            cfg.data, tcfg, cfg.model.image_size, num_classes=cfg.model.num_classes
+        )
         mcfg = cfg.model
         if mcfg.stages == 2 and mcfg.cmattn == "paper" and mcfg.class_noise_std is None:
             mcfg.class_noise_std = class_noise_std_from_frequencies(
