@@ -162,7 +162,7 @@ def trained_bright_model(steps: int = 220) -> BuiltModel:
 
 
 def run_config(model_cfg: ModelConfig, data: DataConfig | None = None) -> dict:
-    data = data or DataConfig(num_classes=model_cfg.num_classes)
+    data = data or DataConfig()
     return {"model": to_dict(model_cfg), "data": to_dict(data), "train": to_dict(TrainConfig())}
 
 
@@ -280,7 +280,7 @@ def tiny_run_config(tmp_path: Path, **train) -> Path:
         write_nnunet_dataset(data_root)
     cfg = {
         "model": {"backbone": "tiny", "image_size": 64, "num_classes": 1, "lora_rank": 2},
-        "data": {"format": "nnunet", "root": str(data_root), "num_classes": 1, "val_cases": 1},
+        "data": {"format": "nnunet", "root": str(data_root), "val_cases": 1},
         "train": {
             "epochs": 3,
             "batch_size": 2,

@@ -59,7 +59,7 @@ def _write_checkpoint(path: Path, seed: int = 0, *, stages: int = 2) -> Path:
     cfg = dataclasses.replace(TINY, stages=stages)
     config = {
         "model": to_dict(cfg),
-        "data": to_dict(DataConfig(num_classes=1)),
+        "data": to_dict(DataConfig()),
         "train": to_dict(TrainConfig()),
     }
     meta = {"intensity_policy": POLICY, "label_names": {"0": "background", "1": "blob"}}

@@ -136,7 +136,9 @@ def test_acdc_fraction_recipes_select_the_ssl4mis_patients(recipe, lines, patien
     path = REPO / "configs" / recipe
     overrides = [f"data.root={root}", f"data.train_slices_list={root / 'train_slices.list'}"]
     cfg = load_run_config(path, overrides)
-    data = build_run_data(cfg.data, cfg.train, cfg.model.image_size)
+    data = build_run_data(
+        cfg.data, cfg.train, cfg.model.image_size, num_classes=cfg.model.num_classes
+    )
     manifest = data.manifest
     # The manifest names the volumes (patient and frame) the slices came from; the carved
     # validation volume is one of those patients' frames, never a test patient.

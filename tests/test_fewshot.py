@@ -130,7 +130,7 @@ def _tiny_protocol(tmp_path: Path, data: dict | None = None) -> Path:
             "lora_rank": 2,
             "lora_last_n": 1,
         },
-        "data": {**data, "val_cases": 1, "num_classes": 1},
+        "data": {**data, "val_cases": 1},
         "train": {
             "epochs": 2,
             "batch_size": 2,

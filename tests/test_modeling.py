@@ -25,6 +25,10 @@ def test_tiny_output_shapes(tiny_cfg):
     x, y = _batch(tiny_cfg)
     out = model(x, y)
     t, s, h = tiny_cfg.num_classes + 1, tiny_cfg.image_size, tiny_cfg.image_size // 16
+    # T (with background) is the model's num_tokens; num_classes is K everywhere else, so the
+    # model has no attribute of that name to confuse with it.
+    assert model.num_tokens == t
+    assert not hasattr(model, "num_classes")
     assert out.stage1_logits.shape == (2, t, 4 * h, 4 * h)
     assert out.stage2_logits.shape == (2, t, s, s)
     assert out.probabilities.shape == (2, t, s, s)

@@ -112,7 +112,9 @@ def test_split_is_deterministic_for_a_seed(tmp_path):
         cfg = load_run_config(
             tiny_run_config(tmp_path), ["data.train_cases=2", f"data.train_seed={seed}"]
         )
-        manifest = build_run_data(cfg.data, cfg.train, 64).manifest
+        manifest = build_run_data(
+            cfg.data, cfg.train, 64, num_classes=cfg.model.num_classes
+        ).manifest
         return manifest["train"], manifest["val"]
 
     assert split(3) == split(3)
@@ -373,7 +375,9 @@ def test_cached_validation_reuses_volume_prefix_and_matches(tmp_path):
     from hsam.engine.trainer import validation_dice
 
     cfg = load_run_config(tiny_run_config(tmp_path), ["model.lora_last_n=1"])
-    data = build_run_data(cfg.data, cfg.train, cfg.model.image_size)
+    data = build_run_data(
+        cfg.data, cfg.train, cfg.model.image_size, num_classes=cfg.model.num_classes
+    )
     model = build_hsam(cfg.model, seed=5).model.eval()
     with torch.no_grad():
         for p in model.parameters():

@@ -98,7 +98,6 @@ def demo_config(method: str, schedule: DemoSchedule, root: Path) -> RunConfig:
             train_list=str(root / "train.list"),
             foreground_only=True,
             test_list=str(root / "test.list"),
-            num_classes=1,
         ),
         train=TrainConfig(
             epochs=schedule.epochs,

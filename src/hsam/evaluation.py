@@ -60,7 +60,7 @@ from hsam.atomic import (
     make_staging_dir,
     remove_stale_staging_dirs,
 )
-from hsam.config import DataConfig, from_dict, load_run_config
+from hsam.config import DataConfig, check_legacy_data_num_classes, from_dict, load_run_config
 from hsam.data import Case, list_cases, read_dataset, read_list
 from hsam.data.formats import FORMATS, detect_format
 from hsam.errors import CheckpointError, ConfigError, DataError
@@ -159,9 +159,11 @@ def resolve_data(
     data: str | os.PathLike | None,
     *,
     checkpoint_config: dict[str, Any],
+    num_classes: int,
     format: str | None = None,
 ) -> tuple[DataConfig | None, str, Path]:
-    """(data config or None, format, root) for ``data`` (see module doc)."""
+    """(data config or None, format, root) for ``data`` (see module doc). A run config whose
+    ``model.num_classes`` is not the checkpoint's `num_classes` (K) is refused."""
     if data is None:
         raw = checkpoint_config.get("data")
         if not isinstance(raw, dict):
@@ -169,7 +171,12 @@ def resolve_data(
                 "the checkpoint stores no data config; pass the data (a run config or a "
                 "dataset folder)"
             )
-        cfg = from_dict(DataConfig, dict(raw), "checkpoint config.data")
+        raw = dict(raw)
+        if "num_classes" in raw:  # written before K was stored once (see hsam.config)
+            check_legacy_data_num_classes(
+                raw.pop("num_classes"), num_classes, "checkpoint config", log_level=logging.DEBUG
+            )
+        cfg = from_dict(DataConfig, raw, "checkpoint config.data")
     else:
         path = Path(data)
         if path.is_dir():
@@ -184,7 +191,14 @@ def resolve_data(
                 f"data {path} is a file but not a run config (.yaml/.yml); pass the config or "
                 "the dataset folder"
             )
-        cfg = load_run_config(path).data
+        run_cfg = load_run_config(path)
+        if run_cfg.model.num_classes != num_classes:
+            raise CheckpointError(
+                f"the checkpoint predicts {num_classes} foreground class(es) but the config "
+                f"{data} has model.num_classes = {run_cfg.model.num_classes}; evaluate a "
+                "checkpoint trained on this label map"
+            )
+        cfg = run_cfg.data
     if not cfg.root:
         raise ConfigError("data.root is empty: set it to the dataset folder.")
     fmt = (format or cfg.format).strip().lower()
@@ -313,13 +327,9 @@ def evaluate_checkpoint(
     )
     loaded = predictor.loaded
     assert loaded is not None  # from a checkpoint
-    cfg, fmt, root = resolve_data(data, checkpoint_config=loaded.config, format=format)
-    if cfg is not None and data is not None and cfg.num_classes != predictor.num_classes:
-        raise CheckpointError(
-            f"checkpoint {checkpoint} predicts {predictor.num_classes} foreground class(es) but "
-            f"the config {data} has data.num_classes = {cfg.num_classes}; evaluate a checkpoint "
-            "trained on this label map"
-        )
+    cfg, fmt, root = resolve_data(
+        data, checkpoint_config=loaded.config, num_classes=predictor.num_classes, format=format
+    )
     ids, ids_from = resolve_split(
         split,
         fmt=fmt,

@@ -200,8 +200,8 @@ class Predictor:
         self.batch_size = check_batch_size(batch_size)
         self.precision: Precision = check_precision(precision)
         self.postprocess = check_postprocess(postprocess)
-        #: Foreground classes K (the model predicts labels 0..K).
-        self.num_classes = int(model.num_classes) - 1
+        #: Foreground classes K (the model predicts labels 0..K from its T = K + 1 tokens).
+        self.num_classes = int(model.num_tokens) - 1
         self.label_names = checkpoint_label_names(
             {"label_names": dict(label_names or {})}, self.num_classes
         )

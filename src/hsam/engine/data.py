@@ -103,8 +103,11 @@ def _training_case_ids(cfg: DataConfig) -> tuple[list[str], str, list[Path]]:
     return ids, how, sources
 
 
-def build_run_data(data: DataConfig, train: TrainConfig, image_size: int) -> RunData:
-    """Read and select the training and validation data of a run."""
+def build_run_data(
+    data: DataConfig, train: TrainConfig, image_size: int, *, num_classes: int
+) -> RunData:
+    """Read and select the training and validation data of a run with `num_classes` (K,
+    the run's ``model.num_classes``) foreground classes."""
     if not data.root:
         raise DataError("data.root is empty: set it to the dataset folder.")
     augment = _augmenter(train)
@@ -140,7 +143,7 @@ def build_run_data(data: DataConfig, train: TrainConfig, image_size: int) -> Run
         )
         how = f"first {len(slice_ids)} lines of {Path(data.train_slices_list).name}"
         sources = [list_path(data.train_slices_list)]
-        label_names = {i: f"class{i}" for i in range(data.num_classes + 1)}
+        label_names = {i: f"class{i}" for i in range(num_classes + 1)}
         if val_ids:
             val_cases = read_dataset(data.format, data.root, val_ids)
         train_list = kept
@@ -152,7 +155,7 @@ def build_run_data(data: DataConfig, train: TrainConfig, image_size: int) -> Run
         train_ids, val_ids = carve_validation(ids, data.val_cases, data.val_seed)
         cases = read_dataset(data.format, data.root, train_ids + val_ids)
         for case in cases:
-            case.validate(data.num_classes)
+            case.validate(num_classes)
         policy = data.intensity or policy_for(cases[0].intensity)
         cases = [prepare_case(c, policy) for c in cases]
         train_cases = cases[: len(train_ids)]
@@ -170,10 +173,10 @@ def build_run_data(data: DataConfig, train: TrainConfig, image_size: int) -> Run
     val_cases = (
         [prepare_case(c, policy) for c in val_cases] if data.train_slices_list else val_cases
     )
-    freqs = class_frequencies(dataset, data.num_classes)
+    freqs = class_frequencies(dataset, num_classes)
     # whole volumes when the training data are volumes (also with foreground_only), the
     # selected slices of each volume for slice files (see class_volume_fractions)
-    volume_ranges = class_volume_fraction_ranges(dataset, data.num_classes)
+    volume_ranges = class_volume_fraction_ranges(dataset, num_classes)
     manifest = make_manifest(
         train=train_list, val=val_ids, method=how, seed=data.train_seed, sources=sources, **extra
     )

@@ -160,7 +160,7 @@ def build_shared_prefix_cache(cfg: RunConfig) -> tuple[RunData, PrefixCache]:
 
     See :meth:`PrefixCache.for_run` for what it holds."""
     tcfg = cfg.train
-    data = build_run_data(cfg.data, tcfg, cfg.model.image_size)
+    data = build_run_data(cfg.data, tcfg, cfg.model.image_size, num_classes=cfg.model.num_classes)
     encoder = build_hsam(cfg.model, seed=tcfg.seed).model  # only its frozen units are used
     cache = PrefixCache.for_run(encoder, data.train, tcfg, device=torch.device("cpu"))
     return data, cache

@@ -95,8 +95,10 @@ class HSAM(nn.Module):
         return self.image_encoder
 
     @property
-    def num_classes(self) -> int:
-        """T, including background."""
+    def num_tokens(self) -> int:
+        """T = K + 1: the class (mask) tokens, one per output channel, background first.
+        Configs, cases and :class:`hsam.predictor.Predictor` call K ``num_classes``; the
+        model's count includes background, so it has its own name."""
         return self.mask_decoder.num_mask_tokens
 
     def preprocess(self, images: Tensor) -> Tensor:
