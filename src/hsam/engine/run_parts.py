@@ -208,9 +208,7 @@ def build_run_parts(
     backbone); built here when the config asks for one."""
     tcfg = cfg.train
     seed_everything(tcfg.seed)
-    data = build_run_data(
-        cfg.data, tcfg, cfg.model.image_size, num_classes=cfg.model.num_classes
-    )
+    data = build_run_data(cfg.data, tcfg, cfg.model.image_size, num_classes=cfg.model.num_classes)
     cfg = resolve_config(cfg, data)
     built = build_hsam(cfg.model, seed=tcfg.seed)
     model = built.model.to(process.device)
