@@ -4,7 +4,6 @@ and the scoring loop give the numbers of the low-level functions they wrap."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import shutil
 import subprocess
@@ -13,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk  # noqa: N813
 import torch
 
 import hsam
+from conftest import write_nnunet_dataset
 from hsam.checkpoint import save_checkpoint
 from hsam.config import DataConfig, ModelConfig, TrainConfig, to_dict
 from hsam.errors import ConfigError, DataError
@@ -68,38 +67,12 @@ def _write_checkpoint(path: Path, seed: int = 0, *, stages: int = 2) -> Path:
     return path
 
 
-def _write_nnunet(root: Path, n_cases: int = 2) -> None:
-    """MR-like (6, 40, 40) volumes, each with a bright ellipsoid labelled 1."""
-    rng = np.random.default_rng(0)
-    (root / "imagesTr").mkdir(parents=True)
-    (root / "labelsTr").mkdir()
-    zz, yy, xx = np.mgrid[:6, :40, :40]
-    for i in range(n_cases):
-        cy, cx = rng.integers(14, 26, size=2)
-        label = ((yy - cy) / 9.0) ** 2 + ((xx - cx) / 7.0) ** 2 + ((zz - 2.5) / 3.0) ** 2 <= 1
-        image = rng.normal(100, 10, size=label.shape) + 200 * label
-        for arr, path in (
-            (image.astype(np.float32), root / "imagesTr" / f"case{i}_0000.nii.gz"),
-            (label.astype(np.uint8), root / "labelsTr" / f"case{i}.nii.gz"),
-        ):
-            img = sitk.GetImageFromArray(arr)
-            img.SetSpacing((1.0, 1.0, 2.0))
-            sitk.WriteImage(img, str(path))
-    meta = {
-        "channel_names": {"0": "MR"},
-        "labels": {"background": 0, "blob": 1},
-        "numTraining": n_cases,
-        "file_ending": ".nii.gz",
-    }
-    (root / "dataset.json").write_text(json.dumps(meta))
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """The files the README example names, relative to this folder."""
     root = tmp_path_factory.mktemp("api")
     _write_checkpoint(root / "runs" / "mine" / "checkpoints" / "best.pt")
-    _write_nnunet(root / "MyDataset")
+    write_nnunet_dataset(root / "MyDataset", n_cases=2)
     (root / "scans").mkdir()
     shutil.copy(
         root / "MyDataset" / "imagesTr" / "case1_0000.nii.gz", root / "scans" / "case01.nii.gz"

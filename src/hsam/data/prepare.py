@@ -40,7 +40,13 @@ import hsam
 from hsam.atomic import atomic_write_bytes, atomic_write_text
 from hsam.data.case import Case
 from hsam.data.formats import FORMATS, list_cases, read_dataset, read_list
-from hsam.data.prepare_splits import PrepareResult, ProgressFn, select_training, write_splits
+from hsam.data.prepare_splits import (
+    PrepareResult,
+    ProgressFn,
+    select_training,
+    select_validation,
+    write_splits,
+)
 from hsam.data.prepare_synapse import (
     SYNAPSE_REMAP,
     SYNAPSE_REMAP_TRANSUNET,
@@ -50,9 +56,6 @@ from hsam.data.prepare_synapse import (
     remap_labels,
 )
 from hsam.data.slices import slice_id
-from hsam.data.splits import (
-    select_cases,
-)
 from hsam.errors import DataError, OutputExistsError
 
 logger = logging.getLogger(__name__)
@@ -346,13 +349,7 @@ def _prepare_cases(
 
     train, train_slices, method = select_training(train_pool, few_shot, seed, slices_of)
     if n_val:
-        rest = [i for i in train_pool if i not in train]
-        if n_val > len(rest):
-            raise DataError(
-                f"n_val={n_val} but only {len(rest)} labelled case(s) remain outside the "
-                "training selection; lower n_val or the few-shot size."
-            )
-        val = select_cases(rest, n_val, seed)
+        val = select_validation(train_pool, train, n_val, seed)
     meta = {
         "name": src.name,
         "format": "hsam-prepared",

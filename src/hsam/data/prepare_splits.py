@@ -111,6 +111,21 @@ def select_training(
     return list(named), None, kind
 
 
+def select_validation(pool: list[str], train: list[str], n_val: int, seed: int | None) -> list[str]:
+    """`n_val` validation cases drawn (by `seed`) from the pool cases the training selection
+    left unused."""
+    if not n_val:
+        return []
+    rest = [c for c in pool if c not in train]
+    if n_val > len(rest):
+        raise DataError(
+            f"n_val={n_val} but only {len(rest)} labelled case(s) remain outside the training "
+            "selection; lower n_val or the few-shot size (slice-level selections use every "
+            "case)."
+        )
+    return select_cases(rest, n_val, seed)
+
+
 _SLICE_LIKE = re.compile(r"^.+_slice_?\d+$")
 
 

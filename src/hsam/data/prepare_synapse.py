@@ -22,8 +22,14 @@ from hsam.atomic import atomic_output, atomic_write_bytes, atomic_write_text
 from hsam.data.formats.common import slice_id, to_label
 from hsam.data.formats.sitk import check_label_grid, read_sitk, sitk_geometry
 from hsam.data.formats.synapse import SYNAPSE_LABELS_SAMED, SYNAPSE_LABELS_TRANSUNET
-from hsam.data.prepare_splits import PrepareResult, ProgressFn, select_training, write_splits
-from hsam.data.splits import select_cases, write_list
+from hsam.data.prepare_splits import (
+    PrepareResult,
+    ProgressFn,
+    select_training,
+    select_validation,
+    write_splits,
+)
+from hsam.data.splits import write_list
 from hsam.errors import DataError
 from hsam.intensity import DEFAULT_CT_POLICY, ct_window
 
@@ -142,15 +148,7 @@ def prepare_synapse_raw(
         return [slice_id(c, d) for c in ids for d in range(depth[c])]
 
     train, train_slices, method = select_training(pool, few_shot, seed, slices_of)
-    val: list[str] = []
-    if n_val:
-        rest = [c for c in pool if c not in train]
-        if n_val > len(rest):
-            raise DataError(
-                f"n_val={n_val} but only {len(rest)} training case(s) are unused by the "
-                "few-shot selection; lower n_val (slice-level selections use every case)."
-            )
-        val = select_cases(rest, n_val, seed)
+    val = select_validation(pool, train, n_val, seed)
     (out / "train_npz").mkdir(parents=True)
     (out / "test_vol_h5").mkdir()
     if val:
