@@ -41,20 +41,18 @@ from typing import Any
 import torch
 
 from hsam.atomic import atomic_write_text
-from hsam.build import build_hsam
-from hsam.checkpoint import load_checkpoint
 from hsam.config import RunConfig, config_differences, load_run_config, load_yaml
 from hsam.data import read_dataset
 from hsam.devices import configure_cpu_allocator
-from hsam.engine.data import build_run_data, prepare_case, read_id_list
-from hsam.engine.prefix_cache import PrefixCache
+from hsam.engine.data import read_id_list
+from hsam.engine.prefix_cache import build_shared_prefix_cache
 from hsam.engine.trainer import run_training
 from hsam.errors import ConfigError, HSAMError
 from hsam.hashing import file_sha256
-from hsam.inference import predict_volume_shared_prefix
-from hsam.metrics import evaluate_case
-from hsam.postprocess import POSTPROCESS_CHOICES, postprocess_labels
-from hsam.reports import case_rows, summarize
+from hsam.postprocess import POSTPROCESS_CHOICES
+from hsam.predictor import Predictor
+from hsam.reports import summarize
+from hsam.scoring import evaluate_cases
 
 logger = logging.getLogger("fewshot")
 REPO = Path(__file__).resolve().parents[1]
@@ -148,21 +146,9 @@ def train_seed(
             pending.append(name)
     cache_s = 0.0
     if pending:
-        cfg = run_config(protocol, CONFIGURATIONS[pending[0]], seed)
         t = time.time()
-        data = build_run_data(cfg.data, cfg.train, cfg.model.image_size)
-        encoder = build_hsam(cfg.model, seed=seed).model
-        cache = PrefixCache.build(
-            encoder,
-            data.train,
-            views=cfg.train.augmented_views,
-            stop_unit=encoder.first_trainable_unit,
-            batch_size=cfg.train.inference_batch_size,
-            device=torch.device("cpu"),
-            bf16=cfg.train.precision == "bf16",
-        )
+        _, cache = build_shared_prefix_cache(run_config(protocol, CONFIGURATIONS[pending[0]], seed))
         cache_s = time.time() - t
-        del encoder
     for name in pending:
         cfg = run_config(protocol, CONFIGURATIONS[name], seed)
         run_dir = out / f"seed{seed}" / name
@@ -188,32 +174,6 @@ def train_seed(
         atomic_write_text(_record_path(out, seed, name), json.dumps(record, indent=2))
         records.append(record)
     return records, cache_s
-
-
-def shared_prefix_groups(models: list[torch.nn.Module]) -> list[list[int]]:
-    """Indices of models grouped by identical frozen encoder (same prefix, computed once per
-    group). Pretrained backbones put every run in one group; random ones (tests) split by seed."""
-
-    def frozen(model: torch.nn.Module) -> list[torch.Tensor]:
-        return [p for p in model.image_encoder.parameters() if not p.requires_grad]
-
-    def same_prefix(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-        fa, fb = frozen(a), frozen(b)
-        return (
-            a.first_trainable_unit == b.first_trainable_unit
-            and len(fa) == len(fb)
-            and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(fa, fb, strict=True))
-        )
-
-    groups: list[list[int]] = []
-    for i, model in enumerate(models):
-        for group in groups:
-            if same_prefix(models[group[0]], model):
-                group.append(i)
-                break
-        else:
-            groups.append([i])
-    return groups
 
 
 def _evaluation_key(protocol: RunConfig, record: dict[str, Any], test_ids: list[str]) -> dict:
@@ -273,30 +233,23 @@ def evaluate_runs(
 def _evaluate(
     protocol: RunConfig, records: list[dict[str, Any]], test_ids: list[str]
 ) -> dict[tuple[int, str], dict[str, Any]]:
-    loaded = [load_checkpoint(r["checkpoint"]) for r in records]
-    models = [lc.built.model.eval() for lc in loaded]
-    groups = shared_prefix_groups(models)
-    policy = loaded[0].meta["intensity_policy"]
-    k = protocol.model.num_classes
+    predictors = [
+        Predictor.from_checkpoint(
+            r["checkpoint"],
+            device="cpu",
+            batch_size=protocol.train.inference_batch_size,
+            precision=protocol.train.precision,
+        )
+        for r in records
+    ]
+    cases = (read_dataset(protocol.data.format, protocol.data.root, [i])[0] for i in test_ids)
+    evaluations = evaluate_cases(predictors, cases, postprocess=POSTPROCESS_CHOICES)
     rows = {method: [[] for _ in records] for method in POSTPROCESS_CHOICES}
-    for i, case_id in enumerate(test_ids, 1):
-        (case,) = read_dataset(protocol.data.format, protocol.data.root, [case_id])
-        case = prepare_case(case, policy)
-        t = time.time()
-        for group in groups:
-            predictions = predict_volume_shared_prefix(
-                [models[j] for j in group],
-                case.image,
-                prefix_units=models[group[0]].first_trainable_unit,
-                batch_size=protocol.train.inference_batch_size,
-                precision=protocol.train.precision,
-            )
-            for j, labels in zip(group, predictions, strict=True):
-                for method in POSTPROCESS_CHOICES:
-                    processed = postprocess_labels(labels, k, method)
-                    result = evaluate_case(processed, case.label, k, case.spacing, 2.0)
-                    rows[method][j].extend(case_rows(case.case_id, result, case.label_names))
-        logger.info("test case %d/%d %s: %.0f s", i, len(test_ids), case_id, time.time() - t)
+    for i, evaluation in enumerate(evaluations, 1):
+        for score in evaluation.scores:
+            rows[score.postprocess][score.predictor].extend(score.rows)
+        case_id = evaluation.case.case_id
+        logger.info("test case %d/%d %s: %.0f s", i, len(test_ids), case_id, evaluation.seconds)
     return {
         (r["seed"], r["name"]): {
             method: summarize(rows[method][j], n_resamples=200) for method in POSTPROCESS_CHOICES

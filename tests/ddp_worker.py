@@ -16,7 +16,7 @@ _original_fit = trainer_module.Trainer.fit
 def _fit_and_capture(self, **kwargs):
     result = _original_fit(self, **kwargs)
     captured.update(
-        {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        {n: p.detach().clone() for n, p in self.parts.model.named_parameters() if p.requires_grad}
     )
     return result
 

@@ -1,11 +1,11 @@
 """Every shipped recipe parses against the config schema."""
 
 import re
-from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import REPO
 from hsam.config import (
     RunConfig,
     config_differences,
@@ -17,17 +17,41 @@ from hsam.config import (
 )
 from hsam.errors import ConfigError
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def _leaves(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """``("a.b", value)`` for every non-mapping value of a nested mapping."""
+    out: list[tuple[str, object]] = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out += _leaves(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_recipe_parses(path):
+    raw = load_yaml(path)
     if path.name == "upstream_code.yaml":
-        cfg = from_dict(RunConfig, load_yaml(path))
+        cfg = from_dict(RunConfig, raw)
         assert cfg.model.cmattn == "reference"
     else:
         cfg = load_run_config(path)
-        assert cfg.model.num_classes == cfg.data.num_classes
+        # an old config's data.num_classes that disagrees with model.num_classes is refused
+        with pytest.raises(ConfigError, match="differ"):
+            load_run_config(path, [f"data.num_classes={cfg.model.num_classes + 1}"])
+    # K is stored once, in model.num_classes (upstream_code.yaml is an overlay without K)
+    assert "num_classes" not in (raw.get("data") or {})
+    # every value the recipe sets arrives in the parsed config (none dropped or defaulted);
+    # through YAML, as configs are written, so tuples compare as lists
+    parsed = yaml.safe_load(dump_yaml(to_dict(cfg)))
+    for key, value in _leaves(raw):
+        node = parsed
+        for part in key.split("."):
+            node = node[part]
+        assert node == value, key
 
 
 def test_there_are_recipes_for_the_papers_settings():
@@ -108,3 +132,58 @@ def test_out_of_range_values_are_refused_when_the_config_loads(override, field):
     """Each used to crash deep in torch/numpy (some after an epoch) or train nonsense."""
     with pytest.raises(ConfigError, match=re.escape(field) + "="):
         load_run_config(None, [override])  # range errors come before cross-field checks
+
+
+# K is stored once (model.num_classes); configs and run directories written before that also
+# carry data.num_classes and must keep loading.
+def _old_style(tmp_path, data_k: int, model_k: int = 3):
+    path = tmp_path / "old.yaml"
+    path.write_text(
+        dump_yaml(
+            {
+                "model": {"backbone": "tiny", "image_size": 64, "num_classes": model_k},
+                "data": {"format": "acdc", "root": "somewhere", "num_classes": data_k},
+                "train": {"epochs": 4},
+            }
+        )
+    )
+    return path
+
+
+def test_old_config_with_both_class_counts_still_loads(tmp_path, caplog):
+    path = _old_style(tmp_path, data_k=3)
+    with caplog.at_level("WARNING", logger="hsam.config"):
+        cfg = load_run_config(path)
+    assert cfg.model.num_classes == 3
+    assert "data.num_classes is deprecated" in caplog.text
+    # the same run as the config without the old key, and K is not written twice again
+    new = load_run_config(
+        None,
+        [
+            "model.backbone=tiny",
+            "model.image_size=64",
+            "model.num_classes=3",
+            "data.format=acdc",
+            "data.root=somewhere",
+            "train.epochs=4",
+        ],
+    )
+    assert cfg == new
+    assert "num_classes" not in to_dict(cfg)["data"]
+    # an old run directory's config.yaml (how --resume reads it) loads and is not a change
+    stored = load_yaml(path)
+    assert from_dict(RunConfig, stored, str(path)) == cfg
+    assert config_differences(stored, cfg) == []
+    assert "num_classes" in stored["data"]  # the caller's mapping is left as it was
+
+
+@pytest.mark.parametrize("data_k", [1, 4, True])
+def test_old_config_with_two_different_class_counts_is_refused(tmp_path, data_k):
+    with pytest.raises(ConfigError) as err:
+        load_run_config(_old_style(tmp_path, data_k=data_k))
+    message = str(err.value)
+    assert "data.num_classes" in message and "model.num_classes" in message
+    assert f"({data_k!r})" in message and "(3)" in message
+    # through the resume path too
+    with pytest.raises(ConfigError, match="data.num_classes .* and model.num_classes .* differ"):
+        from_dict(RunConfig, load_yaml(_old_style(tmp_path, data_k=data_k)))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk  # noqa: N813
 
+from conftest import shared_data_dir
 from hsam.data import (
     SliceDataset,
     ct_window,
@@ -23,8 +24,8 @@ from hsam.data import (
     read_manifest,
     standard_split,
 )
+from hsam.data.formats.synapse import read_synapse_slice
 from hsam.data.prepare import SYNAPSE_REMAP
-from hsam.data.readers import read_synapse_slice
 from hsam.errors import DataError, OutputExistsError
 
 SHAPE = (3, 6, 8)  # (z, y, x) per case: 3 slices
@@ -286,8 +287,7 @@ def test_prepare_synapse_volumes_format(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_prepare_real_la_standard_split(tmp_path: Path) -> None:
-    env = os.environ.get("HSAM_SHARED_DATA")
-    root = (Path(env) if env else Path(__file__).resolve().parents[1] / "../shared/data") / "la"
+    root = shared_data_dir() / "la"
     if not root.is_dir():
         pytest.skip(f"{root} not available")
     res = prepare("la", root, tmp_path / "LA", few_shot="la_4")

@@ -12,9 +12,9 @@ import pytest
 import SimpleITK as sitk  # noqa: N813
 
 from hsam.data import Case, apply_intensity, ct_window, minmax, read_dataset, zscore
-from hsam.data.readers import (
+from hsam.data.formats import read_list
+from hsam.data.formats.synapse import (
     SYNAPSE_LABELS_TRANSUNET,
-    read_list,
     read_synapse_slice,
     read_synapse_volume,
 )

@@ -5,7 +5,6 @@ they come from the list files."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import h5py
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk  # noqa: N813
 
+from conftest import REPO, shared_data_dir
 from hsam.config import load_run_config
 from hsam.data import (
     SliceDataset,
@@ -22,17 +22,10 @@ from hsam.data import (
     read_list,
     standard_split,
 )
-from hsam.data.readers import read_acdc_slice
+from hsam.data.formats.acdc import read_acdc_slice
 from hsam.engine.data import build_run_data
 
-
-def _shared_data() -> Path:
-    env = os.environ.get("HSAM_SHARED_DATA")
-    root = Path(env) if env else Path(__file__).resolve().parents[1] / "../shared/data"
-    return root.resolve()
-
-
-DATA = _shared_data()
+DATA = shared_data_dir()
 
 
 def _need(*parts: str) -> Path:
@@ -140,10 +133,12 @@ def test_acdc_training_slices_and_stacked_frames() -> None:
 )
 def test_acdc_fraction_recipes_select_the_ssl4mis_patients(recipe, lines, patients) -> None:
     root = _need("acdc")
-    path = Path(__file__).resolve().parents[1] / "configs" / recipe
+    path = REPO / "configs" / recipe
     overrides = [f"data.root={root}", f"data.train_slices_list={root / 'train_slices.list'}"]
     cfg = load_run_config(path, overrides)
-    data = build_run_data(cfg.data, cfg.train, cfg.model.image_size)
+    data = build_run_data(
+        cfg.data, cfg.train, cfg.model.image_size, num_classes=cfg.model.num_classes
+    )
     manifest = data.manifest
     # The manifest names the volumes (patient and frame) the slices came from; the carved
     # validation volume is one of those patients' frames, never a test patient.

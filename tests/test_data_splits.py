@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import shared_data_dir
 from hsam.data import (
     carve_validation,
     make_manifest,
@@ -122,9 +123,7 @@ def test_standard_split_files() -> None:
 
 
 def test_la_4_is_first_four_of_shared_train_list() -> None:
-    env = os.environ.get("HSAM_SHARED_DATA")
-    root = Path(env) if env else Path(__file__).resolve().parents[1] / "../shared/data"
-    lst = root / "la" / "train.list"
+    lst = shared_data_dir() / "la" / "train.list"
     if not lst.is_file():
         pytest.skip(f"{lst} not available")
     ids = [ln.strip() for ln in lst.read_text().splitlines() if ln.strip()]

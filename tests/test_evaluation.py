@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import MR_POLICY, make_checkpoint, shared_data_dir
 from hsam.config import DataConfig
 from hsam.data import read_dataset, read_list
 from hsam.errors import CheckpointError, ConfigError, DataError, OutputExistsError
@@ -29,7 +30,6 @@ from hsam.evaluation import (
 )
 from hsam.postprocess import keep_largest_component
 from hsam.reports import read_per_case_csv, summarize
-from test_prediction import MR_POLICY, make_checkpoint, shared_data
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -41,7 +41,7 @@ def _one_thread():
 
 
 def data_root(name: str) -> Path:
-    root = shared_data() / name
+    root = shared_data_dir() / name
     if not root.is_dir():
         pytest.skip(f"shared data not found at {root}")
     return root
@@ -77,7 +77,7 @@ def acdc_list(acdc_root, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def la_checkpoint(tmp_path_factory, la_root, la_list) -> Path:
     """K = 1 trained tiny checkpoint whose stored data config is LA with a 2-case test list."""
-    data = DataConfig(format="la", root=str(la_root), test_list=str(la_list), num_classes=1)
+    data = DataConfig(format="la", root=str(la_root), test_list=str(la_list))
     return make_checkpoint(
         tmp_path_factory.mktemp("ckpt") / "la_tiny.pt",
         policy=MR_POLICY,
@@ -157,7 +157,6 @@ def test_evaluate_acdc_with_run_config(tmp_path, acdc_checkpoint, acdc_root, acd
                     "format": "acdc",
                     "root": str(acdc_root),
                     "test_list": str(acdc_list),
-                    "num_classes": 3,
                 },
             }
         )
@@ -240,11 +239,11 @@ def test_config_with_other_class_count_is_refused(tmp_path, la_checkpoint, acdc_
         yaml.safe_dump(
             {
                 "model": {"num_classes": 3},
-                "data": {"format": "acdc", "root": str(acdc_root), "num_classes": 3},
+                "data": {"format": "acdc", "root": str(acdc_root)},
             }
         )
     )
-    with pytest.raises(CheckpointError, match=r"predicts 1 .*data.num_classes = 3"):
+    with pytest.raises(CheckpointError, match=r"predicts 1 .*model.num_classes = 3"):
         evaluate_checkpoint(la_checkpoint, config, out_dir=tmp_path / "eval", device="cpu")
 
 
@@ -424,3 +423,29 @@ def test_report_folder_under_a_file_is_refused_before_any_work(tmp_path):
     with pytest.raises(OutputError, match="a_file, which is a file"):
         evaluate_checkpoint(tmp_path / "missing.pt", None, out_dir=blocker / "reports")
     assert blocker.read_text() == "mine"
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints written before K was stored once (config["data"] also holds num_classes)
+# --------------------------------------------------------------------------------------------
+def _with_data_num_classes(checkpoint: Path, path: Path, k: int) -> Path:
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert "num_classes" not in payload["config"]["data"]  # what this version writes
+    payload["config"]["data"]["num_classes"] = k
+    torch.save(payload, path)
+    return path
+
+
+def test_old_checkpoint_with_data_num_classes_evaluates_the_same(tmp_path, la_checkpoint):
+    old = _with_data_num_classes(la_checkpoint, tmp_path / "old.pt", 1)
+    new_summary = evaluate_checkpoint(
+        la_checkpoint, out_dir=tmp_path / "new", device="cpu", progress=False
+    )
+    old_summary = evaluate_checkpoint(old, out_dir=tmp_path / "old", device="cpu", progress=False)
+    assert old_summary == new_summary
+
+
+def test_checkpoint_with_two_different_class_counts_is_refused(tmp_path, la_checkpoint):
+    bad = _with_data_num_classes(la_checkpoint, tmp_path / "bad.pt", 3)
+    with pytest.raises(ConfigError, match=r"data.num_classes \(3\) and model.num_classes \(1\)"):
+        evaluate_checkpoint(bad, out_dir=tmp_path / "eval", device="cpu", progress=False)

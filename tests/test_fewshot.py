@@ -13,15 +13,13 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import REPO, ellipsoid_label, write_nnunet_dataset
 from hsam.checkpoint import load_checkpoint
 from hsam.data import read_dataset
 from hsam.engine.data import prepare_case
 from hsam.inference import predict_volume
 from hsam.metrics import dice
 from hsam.postprocess import keep_largest_component
-from test_training import ellipsoid_label, write_nnunet_dataset
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +130,7 @@ def _tiny_protocol(tmp_path: Path, data: dict | None = None) -> Path:
             "lora_rank": 2,
             "lora_last_n": 1,
         },
-        "data": {**data, "val_cases": 1, "num_classes": 1},
+        "data": {**data, "val_cases": 1},
         "train": {
             "epochs": 2,
             "batch_size": 2,

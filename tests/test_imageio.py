@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import math
 import os
 import re
 from pathlib import Path
@@ -13,7 +12,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk  # noqa: N813
 
-from hsam import imageio
+import hsam.imageio
+from conftest import OBLIQUE, rotation, shared_data_dir, write_dicom_series
 from hsam.errors import DataError, OutputExistsError
 from hsam.imageio import (
     Geometry,
@@ -27,23 +27,6 @@ from hsam.imageio import (
 SHAPE = (7, 11, 13)  # (D, H, W): all different, so any transpose changes the shape
 MARK = (2, 8, 3)  # (k, j, i) index of a one-voxel marker
 EXTS = [".nii.gz", ".nii", ".mha", ".mhd", ".nrrd"]
-
-
-def shared_data() -> Path:
-    env = os.environ.get("HSAM_SHARED_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[1] / "../shared/data"
-
-
-def rotation(axis, angle_deg: float) -> np.ndarray:
-    axis = np.asarray(axis, float) / np.linalg.norm(axis)
-    a = math.radians(angle_deg)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + math.sin(a) * k + (1 - math.cos(a)) * k @ k
-
-
-OBLIQUE = rotation((1.0, 2.0, 0.5), 23.0) @ np.diag([1.0, -1.0, 1.0])  # rotation + axis flip
 
 
 def synthetic_image(direction: np.ndarray = OBLIQUE) -> tuple[sitk.Image, np.ndarray]:
@@ -236,7 +219,7 @@ def test_probabilities_4d_and_per_class(tmp_path, ext):
 
 
 def test_real_ct_roundtrip(tmp_path):
-    ct = shared_data() / "totalseg_example" / "example_ct_sm.nii.gz"
+    ct = shared_data_dir() / "totalseg_example" / "example_ct_sm.nii.gz"
     if not ct.exists():
         pytest.skip(f"real CT not available at {ct}")
     vol = read_volume(ct)
@@ -263,27 +246,6 @@ def test_real_ct_roundtrip(tmp_path):
 # --------------------------------------------------------------------------------------------
 # DICOM
 # --------------------------------------------------------------------------------------------
-def write_dicom_series(image: sitk.Image, folder: Path, uid: str) -> None:
-    """One CT slice file per k index, with the tags GDCM needs to sort and place them."""
-    folder.mkdir(parents=True)
-    d = image.GetDirection()
-    orientation = "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for z in range(image.GetDepth()):
-        sl = image[:, :, z]
-        sl.SetMetaData("0008|0060", "CT")
-        sl.SetMetaData("0020|000d", uid + ".1")
-        sl.SetMetaData("0020|000e", uid + ".2")
-        sl.SetMetaData("0008|0018", f"{uid}.3.{z + 1}")
-        sl.SetMetaData("0020|0013", str(z + 1))
-        sl.SetMetaData("0020|0037", orientation)
-        pos = image.TransformIndexToPhysicalPoint((0, 0, z))
-        sl.SetMetaData("0020|0032", "\\".join(f"{v:.4f}" for v in pos))
-        writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
-        writer.Execute(sl)
-
-
 def test_dicom_series_folder(tmp_path):
     img, arr = synthetic_image(direction=rotation((0, 0, 1), 15.0))
     series = tmp_path / "dicom" / "series_a"
@@ -414,8 +376,8 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch, ext):
         Path(name).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(imageio.sitk, "WriteImage", half_write)
-    monkeypatch.setattr(imageio.nib, "save", half_save)
+    monkeypatch.setattr(sitk, "WriteImage", half_write)
+    monkeypatch.setattr(nib, "save", half_save)
     with pytest.raises((DataError, OSError)):
         write_label_volume(marker_labels(), geo, outdir / f"seg{ext}")
     assert listing(outdir) == []
@@ -520,3 +482,15 @@ def test_dicom_series_with_a_truncated_slice_is_refused(tmp_path):
     last.write_bytes(last.read_bytes()[:400])
     with pytest.raises(DataError, match=r"leaves out 1 DICOM file.*slice006\.dcm.*truncated"):
         read_volume(series)
+
+
+def test_the_package_re_exports_every_public_name_of_the_former_module():
+    """hsam.imageio is split by responsibility; callers keep importing from hsam.imageio."""
+    former = {
+        "DICOM_OUTPUT_EXTENSION", "DICOM_STEP_TOLERANCE", "SUPPORTED_EXTENSIONS", "Geometry",
+        "ImageFile", "Volume", "atomic_output", "check_finite", "list_inputs", "read_image",
+        "read_volume", "refuse_existing", "refuse_unsupported_nifti", "safe_output_path",
+        "volume_extension", "write_label_volume", "write_probability_volume",
+    }  # fmt: skip
+    assert set(hsam.imageio.__all__) == former
+    assert all(getattr(hsam.imageio, name) is not None for name in former)

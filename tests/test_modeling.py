@@ -25,6 +25,10 @@ def test_tiny_output_shapes(tiny_cfg):
     x, y = _batch(tiny_cfg)
     out = model(x, y)
     t, s, h = tiny_cfg.num_classes + 1, tiny_cfg.image_size, tiny_cfg.image_size // 16
+    # T (with background) is the model's num_tokens; num_classes is K everywhere else, so the
+    # model has no attribute of that name to confuse with it.
+    assert model.num_tokens == t
+    assert not hasattr(model, "num_classes")
     assert out.stage1_logits.shape == (2, t, 4 * h, 4 * h)
     assert out.stage2_logits.shape == (2, t, s, s)
     assert out.probabilities.shape == (2, t, s, s)
@@ -260,3 +264,15 @@ def test_test_input_size_resamples_slices_at_inference(tiny_cfg):
     model = build_hsam(dataclasses.replace(tiny_cfg, test_input_size=32)).model
     labels, _ = predict_volume(model, volume)
     assert labels.shape == volume.shape
+
+
+def test_first_trainable_unit_is_declared_and_set_by_build(tiny_cfg):
+    # A bare network has a trainable encoder: no unit may be cached.
+    assert build_hsam_network(tiny_cfg).first_trainable_unit == 0
+    model = build_hsam(tiny_cfg, pretrained=False).model
+    units = model.image_encoder.units()
+    lora_units = [i for i, *_ in model.image_encoder.lora_targets()]
+    assert 0 < model.first_trainable_unit == lora_units[0] < len(units)
+    # Without LoRA the whole encoder is frozen: every unit is a cacheable prefix.
+    frozen = build_hsam(dataclasses.replace(tiny_cfg, lora_last_n=0), pretrained=False).model
+    assert frozen.first_trainable_unit == len(frozen.image_encoder.units())

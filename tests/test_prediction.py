@@ -9,9 +9,6 @@ must come back where it is.
 
 from __future__ import annotations
 
-import functools
-import math
-import os
 from pathlib import Path
 
 import nibabel as nib
@@ -19,32 +16,31 @@ import numpy as np
 import pytest
 import SimpleITK as sitk  # noqa: N813
 import torch
-from torch.nn import functional as F
 
-from hsam.build import BuiltModel, build_hsam
+from conftest import (
+    BOX,
+    BOX_SHAPE,
+    CT_POLICY,
+    IMAGE_SIZE,
+    MR_POLICY,
+    OBLIQUE,
+    make_checkpoint,
+    rotation,
+    run_config,
+    shared_data_dir,
+    synthetic_bright_batch,
+    trained_bright_model,
+    write_dicom_series,
+    write_nifti,
+)
+from hsam.build import build_hsam
 from hsam.checkpoint import save_checkpoint
-from hsam.config import DataConfig, ModelConfig, TrainConfig, to_dict
+from hsam.config import ModelConfig
+from hsam.devices import resolve_device
 from hsam.errors import CheckpointError, ConfigError, DataError, OutputExistsError
 from hsam.imageio import read_volume
-from hsam.prediction import (
-    checkpoint_label_names,
-    load_inference_model,
-    plan_outputs,
-    predict_files,
-    resolve_device,
-)
-from test_imageio import write_dicom_series
-
-MR_POLICY = "percentile[0.5,99.5]"
-CT_POLICY = "ct_window[-125,275]"
-IMAGE_SIZE = 64
-
-
-def shared_data() -> Path:
-    env = os.environ.get("HSAM_SHARED_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[1] / "../shared/data"
+from hsam.prediction import plan_outputs, predict_files
+from hsam.predictor import Predictor, checkpoint_label_names
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -54,110 +50,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-# --------------------------------------------------------------------------------------------
-# tiny checkpoints (also used by test_evaluation)
-# --------------------------------------------------------------------------------------------
-def _synthetic_batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slices in [0, 1]: dark noise, in 80 % of them a bright disc or box; label = image > 0.5."""
-    yy, xx = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE]
-    images = rng.uniform(0.0, 0.4, (n, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
-    for i in range(n):
-        if rng.random() < 0.2:
-            continue
-        if rng.random() < 0.5:
-            cy, cx = rng.uniform(8, IMAGE_SIZE - 8, 2)
-            r = rng.uniform(3, 18)
-            mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
-        else:
-            y0, x0 = rng.integers(0, IMAGE_SIZE - 8, 2)
-            y1 = rng.integers(y0 + 6, min(y0 + 48, IMAGE_SIZE) + 1)
-            x1 = rng.integers(x0 + 6, min(x0 + 48, IMAGE_SIZE) + 1)
-            mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
-            mask[y0:y1, x0:x1] = True
-        images[i][mask] = rng.uniform(0.6, 1.0, int(mask.sum()))
-    labels = (images > 0.5).astype(np.int64)
-    return torch.from_numpy(images)[:, None], torch.from_numpy(labels)
-
-
-def _soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    p = logits.softmax(1)[:, 1]
-    t = (target == 1).float()
-    return 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
-
-
-@functools.cache
-def trained_bright_model(steps: int = 220) -> BuiltModel:
-    """K = 1 tiny H-SAM trained to segment bright voxels (deterministic, ~7 s on one CPU).
-
-    CE + soft Dice on both stages, AdamW with a one-cycle schedule; reaches Dice ~0.7 on
-    held-out synthetic slices (the tiny random encoder limits it), plenty to locate a shape."""
-    cfg = ModelConfig(backbone="tiny", image_size=IMAGE_SIZE, num_classes=1, lora_rank=2)
-    built = build_hsam(cfg, seed=0)
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    model = built.model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=3e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for _ in range(steps):
-            x, y = _synthetic_batch(rng, 8)
-            out = model(x)
-            up = F.interpolate(out.stage1_logits, size=y.shape[-2:], mode="bilinear")
-            loss = sum(
-                F.cross_entropy(logits, y) + _soft_dice_loss(logits, y)
-                for logits in (out.stage2_logits, up)
-            )
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    finally:
-        torch.set_num_threads(threads)
-    model.eval()
-    return built
-
-
-def run_config(model_cfg: ModelConfig, data: DataConfig | None = None) -> dict:
-    data = data or DataConfig(num_classes=model_cfg.num_classes)
-    return {"model": to_dict(model_cfg), "data": to_dict(data), "train": to_dict(TrainConfig())}
-
-
-def make_checkpoint(
-    path: Path,
-    *,
-    num_classes: int = 1,
-    policy: str | None = MR_POLICY,
-    trained: bool = True,
-    label_names: dict | None = None,
-    data: DataConfig | None = None,
-    extra_meta: dict | None = None,
-) -> Path:
-    """Save a tiny checkpoint: the bright-voxel model (K = 1) or an untrained K-class one."""
-    if trained:
-        assert num_classes == 1
-        built = trained_bright_model()
-    else:
-        cfg = ModelConfig(
-            backbone="tiny", image_size=IMAGE_SIZE, num_classes=num_classes, lora_rank=2
-        )
-        built = build_hsam(cfg, seed=3)
-    cfg = ModelConfig(backbone="tiny", image_size=IMAGE_SIZE, num_classes=num_classes, lora_rank=2)
-    names = label_names
-    if names is None:
-        names = {"0": "background", **{str(c): f"organ {c}" for c in range(1, num_classes + 1)}}
-        if num_classes == 1:
-            names = {"0": "background", "1": "sphere"}
-    meta: dict = {"label_names": names, "epoch": 0, "metrics": {}}
-    if policy is not None:
-        meta["intensity_policy"] = policy
-    meta.update(extra_meta or {})
-    save_checkpoint(path, built, config=run_config(cfg, data), meta=meta)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -173,28 +65,18 @@ def ct_checkpoint(tmp_path_factory) -> Path:
 # --------------------------------------------------------------------------------------------
 # synthetic volumes
 # --------------------------------------------------------------------------------------------
-SHAPE = (10, 48, 72)  # (D, H, W) = (k, j, i): all different, a transpose changes the shape
-BOX = (slice(1, 5), slice(8, 26), slice(40, 66))  # off-centre: a flip along any axis misses it
 
 
 def bright_box_volume(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """int16 ``(D, H, W)`` volume: dark noise with a bright box; and the box mask."""
     rng = np.random.default_rng(seed)
-    vol = rng.uniform(0, 300, SHAPE)
-    mask = np.zeros(SHAPE, bool)
+    vol = rng.uniform(0, 300, BOX_SHAPE)
+    mask = np.zeros(BOX_SHAPE, bool)
     mask[BOX] = True
     vol[mask] = rng.uniform(700, 1000, int(mask.sum()))
     return vol.astype(np.int16), mask
 
 
-def rotation(axis, angle_deg: float) -> np.ndarray:
-    axis = np.asarray(axis, float) / np.linalg.norm(axis)
-    a = math.radians(angle_deg)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + math.sin(a) * k + (1 - math.cos(a)) * k @ k
-
-
-OBLIQUE = rotation((1.0, 2.0, 0.5), 23.0) @ np.diag([1.0, -1.0, 1.0])  # rotation + reflection
 SPACING_XYZ = (0.7, 0.9, 3.5)
 
 
@@ -221,14 +103,6 @@ def assert_box_found(pred: np.ndarray, box: np.ndarray) -> None:
         assert dice(fg, np.flip(box, axis)) < d - 0.3, axis
 
 
-def write_nifti(path: Path, vol_dhw: np.ndarray, affine: np.ndarray) -> Path:
-    """Write a (D, H, W) array as NIfTI with nibabel: nibabel's (i, j, k) = array.T."""
-    img = nib.Nifti1Image(np.ascontiguousarray(vol_dhw.T), affine)
-    img.header.set_xyzt_units("mm", "sec")
-    nib.save(img, str(path))
-    return path
-
-
 def oblique_affine(lps: bool) -> np.ndarray:
     aff = np.eye(4)
     aff[:3, :3] = OBLIQUE @ np.diag(SPACING_XYZ)
@@ -243,7 +117,7 @@ def oblique_affine(lps: bool) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 def test_trained_model_segments_bright_voxels():
     built = trained_bright_model()
-    x, y = _synthetic_batch(np.random.default_rng(123), 32)
+    x, y = synthetic_bright_batch(np.random.default_rng(123), 32)
     with torch.no_grad():
         pred = built.model(x).probabilities.argmax(1)
     inter = ((pred == 1) & (y == 1)).sum().item()
@@ -274,8 +148,8 @@ def test_label_names_accept_int_and_str_keys():
         checkpoint_label_names({"label_names": {"liver": 1}}, 1)
 
 
-def test_load_inference_model_reads_meta(mr_checkpoint):
-    m = load_inference_model(mr_checkpoint, device="cpu")
+def test_predictor_from_checkpoint_reads_meta(mr_checkpoint):
+    m = Predictor.from_checkpoint(mr_checkpoint, device="cpu")
     assert m.num_classes == 1
     assert m.intensity_policy == MR_POLICY
     assert m.label_names == {0: "background", 1: "sphere"}
@@ -285,8 +159,8 @@ def test_load_inference_model_reads_meta(mr_checkpoint):
 def test_checkpoint_without_policy_needs_an_override(tmp_path):
     ckpt = make_checkpoint(tmp_path / "nopolicy.pt", policy=None)
     with pytest.raises(CheckpointError, match="intensity_policy"):
-        load_inference_model(ckpt, device="cpu")
-    m = load_inference_model(ckpt, device="cpu", intensity_policy=CT_POLICY)
+        Predictor.from_checkpoint(ckpt, device="cpu")
+    m = Predictor.from_checkpoint(ckpt, device="cpu", intensity_policy=CT_POLICY)
     assert m.intensity_policy == CT_POLICY
 
 
@@ -297,8 +171,8 @@ def test_stage_2_of_a_one_stage_model_is_refused(tmp_path):
         ckpt, build_hsam(cfg), config=run_config(cfg), meta={"intensity_policy": MR_POLICY}
     )
     with pytest.raises(ConfigError, match="one-stage"):
-        load_inference_model(ckpt, device="cpu", stage="2")
-    load_inference_model(ckpt, device="cpu", stage=1)
+        Predictor.from_checkpoint(ckpt, device="cpu", stage="2")
+    Predictor.from_checkpoint(ckpt, device="cpu", stage=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,7 +289,7 @@ def test_dicom_series_folder(tmp_path, mr_checkpoint):
 
 
 def real_ct() -> Path:
-    ct = shared_data() / "totalseg_example" / "example_ct_sm.nii.gz"
+    ct = shared_data_dir() / "totalseg_example" / "example_ct_sm.nii.gz"
     if not ct.is_file():
         pytest.skip(f"shared data not found at {ct}")
     return ct
@@ -543,7 +417,7 @@ def test_existing_output_needs_overwrite(tmp_path, mr_checkpoint):
     assert (out / "a_seg.nii.gz").read_bytes() == b"old"
     assert _files(out) == ["a_seg.nii.gz"]
     predict_files(mr_checkpoint, [src], out, device="cpu", overlay=True, overwrite=True)
-    assert nib.load(str(out / "a_seg.nii.gz")).shape == SHAPE[::-1]
+    assert nib.load(str(out / "a_seg.nii.gz")).shape == BOX_SHAPE[::-1]
     assert _files(out) == ["a_overlay.png", "a_seg.nii.gz"]
 
 
@@ -614,7 +488,7 @@ def test_incomplete_checkpoint_is_a_clear_error(tmp_path, missing):
     del payload[missing]
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match=f"incomplete or damaged \\('{missing}' is missing"):
-        load_inference_model(path, device="cpu")
+        Predictor.from_checkpoint(path, device="cpu")
     assert main(["info", "--checkpoint", str(path)]) == 2
 
 
@@ -625,7 +499,7 @@ def test_resume_state_given_as_checkpoint_says_what_to_use(tmp_path):
     last.parent.mkdir()
     torch.save({"format": RESUME_FORMAT, "state_dict": {}, "next_epoch": 3}, last)
     with pytest.raises(CheckpointError, match="resume state.*use best.pt or final.pt"):
-        load_inference_model(last, device="cpu")
+        Predictor.from_checkpoint(last, device="cpu")
 
 
 class _Pickled:
@@ -637,7 +511,7 @@ def test_pickled_objects_are_refused_without_torchs_advice(tmp_path):
     path = tmp_path / "old_last.pt"
     torch.save({"rng": _Pickled()}, path)
     with pytest.raises(CheckpointError, match="objects other than tensors") as info:
-        load_inference_model(path, device="cpu")
+        Predictor.from_checkpoint(path, device="cpu")
     assert "weights_only" not in str(info.value)
 
 
@@ -650,3 +524,30 @@ def test_log_lines_never_name_the_staging_folder(tmp_path, caplog):
         predict_files(ckpt, [src], tmp_path / "out", device="cpu", probabilities=True)
     assert ".hsam-predict-" not in caplog.text
     assert str(tmp_path / "out" / "a_seg.nii.gz") in caplog.text
+
+
+def test_staging_left_by_a_killed_run_is_removed_and_nothing_else(tmp_path):
+    """A kill between staging and the move leaves `.hsam-predict-<host>-<pid>-*`; the next
+    predict into that folder removes it, but not a live run's staging nor a look-alike."""
+    import subprocess
+    import sys
+
+    from hsam.atomic import make_staging_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    code = (
+        "import sys; from hsam.atomic import make_staging_dir; "
+        "p = make_staging_dir(sys.argv[1], 'predict'); (p / 'a_seg.nii.gz').write_text('cut'); "
+        "print(p)"
+    )
+    dead = Path(subprocess.check_output([sys.executable, "-c", code, str(out)], text=True).strip())
+    live = make_staging_dir(out, "predict")  # this process is alive
+    mine = out / ".hsam-predict-notes"
+    mine.mkdir()
+    ckpt = make_checkpoint(tmp_path / "k.pt", trained=False)
+    src = write_nifti(tmp_path / "a.nii.gz", bright_box_volume()[0], np.eye(4))
+    predict_files(ckpt, [src], out, device="cpu", progress=False)
+    assert not dead.exists()
+    assert live.is_dir() and mine.is_dir()
+    assert (out / "a_seg.nii.gz").is_file()

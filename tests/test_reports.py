@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hsam import imageio, reports
+from hsam import reports
 from hsam.errors import DataError, OutputExistsError
 from hsam.metrics import evaluate_case
 from hsam.overlay import label_color, render_overlay, select_slices
@@ -184,7 +184,7 @@ def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError("simulated crash before rename")
 
-    monkeypatch.setattr(imageio.os, "replace", boom)
+    monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError, match="simulated"):
         write_per_case_csv(synthetic_rows(n_cases=1), tmp_path / "per_case.csv")
     assert list(tmp_path.iterdir()) == []

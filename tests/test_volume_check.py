@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import BOX, BOX_SHAPE, CT_POLICY, make_checkpoint, tiny_run_config, write_nifti
 from hsam.data import (
     Case,
     SliceDataset,
@@ -42,7 +43,6 @@ from hsam.volume_check import (
     ranges_from_meta,
     volume_warnings,
 )
-from test_prediction import BOX, CT_POLICY, SHAPE, make_checkpoint, write_nifti
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -285,11 +285,11 @@ def test_reports_carry_the_warnings_and_read_older_csvs(tmp_path):
 # end to end: evaluate and predict with a tiny checkpoint
 # --------------------------------------------------------------------------------------------
 def ct_volume(with_box: bool, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """int16 HU ``SHAPE`` volume: dark soft tissue (-100..50 HU) and, optionally, a bright box
+    """int16 HU ``BOX_SHAPE`` volume: dark soft tissue (-100..50 HU) and, optionally, a bright box
     (200..275 HU, ~5.4 % of the voxels); and its label."""
     rng = np.random.default_rng(seed)
-    vol = rng.uniform(-100, 50, SHAPE)
-    label = np.zeros(SHAPE, np.uint8)
+    vol = rng.uniform(-100, 50, BOX_SHAPE)
+    label = np.zeros(BOX_SHAPE, np.uint8)
     if with_box:
         label[BOX] = 1
         vol[BOX] = rng.uniform(200, 275, vol[BOX].shape)
@@ -409,7 +409,6 @@ def test_training_stores_the_ranges(tmp_path):
     from hsam.config import load_run_config
     from hsam.data import read_dataset
     from hsam.engine.trainer import run_training
-    from test_training import tiny_run_config
 
     cfg = load_run_config(tiny_run_config(tmp_path, epochs=1, val_every=1))
     run_training(cfg, tmp_path / "run")

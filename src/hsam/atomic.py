@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -69,6 +70,56 @@ def stale_temp_files(folder: str | os.PathLike, names: Iterable[str]) -> list[Pa
         for f in folder.iterdir()
         if f.is_file() and not f.is_symlink() and any(p.fullmatch(f.name) for p in patterns)
     )
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "", socket.gethostname())[:32] or "host"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def make_staging_dir(parent: str | os.PathLike, kind: str) -> Path:
+    """A new hidden folder ``.hsam-<kind>-<host>-<pid>-<random>`` in ``parent`` where outputs
+    are written before they are moved into place; it names its writer, so a later call can
+    recognise one left by a killed process (:func:`remove_stale_staging_dirs`)."""
+    prefix = f".hsam-{kind}-{_host_tag()}-{os.getpid()}-"
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
+def remove_stale_staging_dirs(parent: str | os.PathLike, kind: str) -> list[Path]:
+    """Remove staging folders of `kind` in `parent` whose writer, on this host, is no longer
+    running (a kill between staging and the move); returns them. Only folders named exactly
+    as :func:`make_staging_dir` names them and holding plain files only are touched."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    pattern = re.compile(
+        rf"\.hsam-{re.escape(kind)}-{re.escape(_host_tag())}-(\d+)-[A-Za-z0-9_]{{8}}"
+    )
+    removed = []
+    for folder in parent.iterdir():
+        match = pattern.fullmatch(folder.name)
+        if not match or folder.is_symlink() or not folder.is_dir():
+            continue
+        if _process_alive(int(match.group(1))):
+            continue
+        if any(f.is_symlink() or not f.is_file() for f in folder.iterdir()):
+            continue  # not what hsam stages: leave it
+        shutil.rmtree(folder)
+        removed.append(folder)
+    if removed:
+        logger.info(
+            "removed %d staging folder(s) left by interrupted runs in %s", len(removed), parent
+        )
+    return removed
 
 
 def _umask() -> int:

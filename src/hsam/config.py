@@ -7,6 +7,7 @@ says so in its comment; `configs/upstream_code.yaml` switches all of them on at 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import types
 import typing
@@ -19,6 +20,8 @@ import yaml
 
 from hsam.errors import ConfigError, DataError
 from hsam.intensity import parse_policy
+
+logger = logging.getLogger(__name__)
 
 
 def _check(ok: bool, where: str, value: Any, rule: str) -> None:
@@ -168,6 +171,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
     """Build dataclass `cls` from a mapping; unknown keys are an error that lists valid ones."""
+    legacy_k = _ABSENT
+    if cls is RunConfig:
+        data, legacy_k = _pop_legacy_data_num_classes(data)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
@@ -177,7 +183,50 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
             "Check the spelling in your YAML file or --set override."
         )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    if legacy_k is not _ABSENT:
+        # after building: a bad model.num_classes is reported as such, not as a mismatch
+        check_legacy_data_num_classes(legacy_k, built.model.num_classes, where)
+    return built
+
+
+# K (foreground classes) lives in model.num_classes alone: the network is built from it and
+# every checkpoint has always stored it there, so keeping that field breaks no checkpoint and
+# no loader. Configs, run directories and checkpoints written before K was stored once also
+# carry data.num_classes, which had to equal it; they still load: the old key is accepted when
+# it agrees, refused when it does not (a file naming two class counts is wrong somewhere), and
+# never written again.
+_ABSENT: Any = object()
+
+
+def _pop_legacy_data_num_classes(data: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """(`data` without ``data.num_classes``, its value or ``_ABSENT``); `data` is not changed."""
+    section = data.get("data")
+    if not isinstance(section, dict) or "num_classes" not in section:
+        return data, _ABSENT
+    section = dict(section)
+    value = section.pop("num_classes")
+    return {**data, "data": section}, value
+
+
+def check_legacy_data_num_classes(
+    value: Any, model_num_classes: int, where: str, *, log_level: int = logging.WARNING
+) -> None:
+    """Accept the retired ``data.num_classes`` when it equals ``model.num_classes`` (logging
+    at `log_level` that it is deprecated), else raise a ConfigError naming both fields."""
+    if value != model_num_classes or isinstance(value, bool):
+        raise ConfigError(
+            f"{where}: data.num_classes ({value!r}) and model.num_classes "
+            f"({model_num_classes}) differ. The number of foreground classes is set by "
+            "model.num_classes alone now: set it there and delete data.num_classes."
+        )
+    logger.log(
+        log_level,
+        "DeprecationWarning: %s: data.num_classes is deprecated and ignored (it equals "
+        "model.num_classes = %d, which alone sets the number of foreground classes); delete it.",
+        where,
+        model_num_classes,
+    )
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -222,7 +271,7 @@ def dump_yaml(data: dict[str, Any]) -> str:
 class DataConfig:
     """Where the data is and which cases/slices train, validate and test."""
 
-    # la | acdc | synapse | promise12 | nnunet | prepared (see hsam.data.readers).
+    # la | acdc | synapse | promise12 | nnunet | prepared (see hsam.data.formats).
     format: str = "la"
     root: str = ""
     # File of training case ids (default: the reader's standard training list), or a split
@@ -244,8 +293,8 @@ class DataConfig:
     val_seed: int = 0
     # Cases to evaluate on (file of ids), used by `hsam evaluate --split test`.
     test_list: str | None = None
-    # Foreground class count K; must match model.num_classes.
-    num_classes: int = 1
+    # (No num_classes: K is model.num_classes; an old data.num_classes equal to it is accepted,
+    # see check_legacy_data_num_classes.)
     # Model-input intensity policy (hsam.intensity), stored in the checkpoint and reapplied
     # by predict/evaluate. null: the data's own (CT: ct_window[-125,275]; MR volumes:
     # percentile[0.5,99.5]; ACDC slice files: minmax, as SSL4MIS prepared them). For slice
@@ -253,7 +302,6 @@ class DataConfig:
     intensity: str | None = None
 
     def __post_init__(self) -> None:
-        _at_least("data.num_classes", self.num_classes, 1)
         _at_least("data.val_cases", self.val_cases, 0)
         _at_least("data.train_cases", self.train_cases, 1, optional=True)
         _at_least("data.train_slices", self.train_slices, 1, optional=True)
@@ -397,13 +445,7 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> R
     """Read a run config from YAML (or the defaults), apply `a.b=v` overrides, validate."""
     data = load_yaml(path) if path is not None else {}
     apply_overrides(data, list(overrides))
-    cfg = from_dict(RunConfig, data, "config")
-    if cfg.data.num_classes != cfg.model.num_classes:
-        raise ConfigError(
-            f"data.num_classes ({cfg.data.num_classes}) and model.num_classes "
-            f"({cfg.model.num_classes}) differ; set both to the number of foreground classes."
-        )
-    return cfg
+    return from_dict(RunConfig, data, "config")
 
 
 # Fields that do not change what a run trains: where it is evaluated and on which device.

@@ -17,22 +17,20 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from hsam.atomic import atomic_write_text
-from hsam.build import build_hsam
-from hsam.checkpoint import load_checkpoint
 from hsam.config import AugmentConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
-from hsam.data import read_dataset, read_list
-from hsam.engine.data import build_run_data, prepare_case
-from hsam.engine.prefix_cache import PrefixCache
+from hsam.data import Case, read_dataset, read_list
+from hsam.engine.prefix_cache import build_shared_prefix_cache
 from hsam.engine.trainer import run_training
 from hsam.errors import OutputExistsError
 from hsam.imageio import Geometry, read_volume, write_label_volume
-from hsam.inference import predict_volume_shared_prefix
-from hsam.metrics import evaluate_case
 from hsam.overlay import render_overlay
-from hsam.reports import case_rows, markdown_table, summarize, write_reports
+from hsam.predictor import Prediction, Predictor
+from hsam.reports import markdown_table, summarize, write_reports
+from hsam.scoring import evaluate_cases
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +98,6 @@ def demo_config(method: str, schedule: DemoSchedule, root: Path) -> RunConfig:
             train_list=str(root / "train.list"),
             foreground_only=True,
             test_list=str(root / "test.list"),
-            num_classes=1,
         ),
         train=TrainConfig(
             epochs=schedule.epochs,
@@ -155,19 +152,7 @@ def run_demo(
 
     # 1. The frozen encoder prefix for every augmented view, once for both runs.
     t = time.time()
-    cfg = configs["hsam"]
-    data = build_run_data(cfg.data, cfg.train, cfg.model.image_size)
-    encoder = build_hsam(cfg.model, seed=cfg.train.seed).model
-    prefix_units = encoder.first_trainable_unit
-    cache = PrefixCache.build(
-        encoder,
-        data.train,
-        views=schedule.augmented_views,
-        stop_unit=prefix_units,
-        batch_size=8,
-        device=torch.device("cpu"),
-        bf16=True,
-    )
+    data, cache = build_shared_prefix_cache(configs["hsam"])
     seconds["encoder prefix cache"] = time.time() - t
 
     # 2. Train both models the same way.
@@ -181,28 +166,30 @@ def run_demo(
 
     # 3. Predict the held-out volumes (shared prefix), write them, score what was written.
     t = time.time()
-    models = [load_checkpoint(checkpoints[m]).built.model.eval() for m in METHODS]
+    predictors = [
+        Predictor.from_checkpoint(checkpoints[m], device="cpu", precision="bf16") for m in METHODS
+    ]
     test_ids = read_list(root / "test.list")[: schedule.test_cases]
-    cases = [prepare_case(c, data.intensity_policy) for c in read_dataset("la", root, test_ids)]
-    rows: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
-    for case in cases:
-        predictions = predict_volume_shared_prefix(
-            models, case.image, prefix_units=prefix_units, batch_size=8, precision="bf16"
+    cases = read_dataset("la", root, test_ids)
+
+    def save(case: Case, index: int, prediction: Prediction) -> np.ndarray:
+        method = list(METHODS)[index]
+        path = out / "predictions" / method / f"{case.case_id}.nii.gz"
+        write_label_volume(prediction.labels, Geometry.default(case.shape, case.spacing), path)
+        written = read_volume(path).array  # the reported scores are those of the files
+        render_overlay(
+            prediction.image,
+            written,
+            case.label_names,
+            out / "overlays" / f"{case.case_id}_{method}.png",
+            gt=case.label,
         )
-        geometry = Geometry.default(case.shape, case.spacing)
-        for method, labels in zip(METHODS, predictions, strict=True):
-            path = out / "predictions" / method / f"{case.case_id}.nii.gz"
-            write_label_volume(labels, geometry, path)
-            written = read_volume(path).array  # the reported scores are those of the files
-            result = evaluate_case(written, case.label, 1, case.spacing, 2.0)
-            rows[method].extend(case_rows(case.case_id, result, case.label_names))
-            render_overlay(
-                case.image,
-                written,
-                case.label_names,
-                out / "overlays" / f"{case.case_id}_{method}.png",
-                gt=case.label,
-            )
+        return written
+
+    rows: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
+    for evaluation in evaluate_cases(predictors, cases, save=save):
+        for method, score in zip(METHODS, evaluation.scores, strict=True):
+            rows[method].extend(score.rows)
     summaries = {}
     for method in METHODS:
         write_reports(rows[method], out / method / "evaluation", run_name=METHODS[method])

@@ -1,10 +1,12 @@
 """`hsam evaluate`: score a checkpoint on labelled volumes with the field's metrics.
 
-For every case of the chosen split: the image is mapped to ``[0, 1]`` with the checkpoint's
-intensity policy (the reader's own preprocessing, ``Case.intensity``, is taken into account),
-segmented slice by slice along axis 0 (:func:`hsam.inference.predict_volume`, every slice),
-and scored in 3-D per class with :func:`hsam.metrics.evaluate_case` (Dice, HD95, NSD under the
-``legacy`` and ``strict`` policies, with the case's voxel spacing). Reports
+For every case of the chosen split, :func:`hsam.scoring.evaluate_cases` (the loop shared with
+the demo, the few-shot benchmark and validation during training) maps the image to ``[0, 1]``
+with the checkpoint's intensity policy (the reader's own preprocessing, ``Case.intensity``, is
+taken into account), segments it slice by slice along axis 0 with a
+:class:`hsam.predictor.Predictor` (every slice), and scores it in 3-D per class with
+:func:`hsam.metrics.evaluate_case` (Dice, HD95, NSD under the ``legacy`` and ``strict``
+policies, with the case's voxel spacing). Reports
 (:func:`hsam.reports.write_reports`): ``per_case.csv``, ``summary.json`` (per-class and mean
 metrics, both policies, bootstrap CIs) and ``table.md`` (shaped like H-SAM's Table 1), plus
 ``evaluation.json`` (what was evaluated: checkpoint, data, split, case ids, stage, intensity
@@ -42,9 +44,8 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,25 +54,28 @@ import torch
 from tqdm.auto import tqdm
 
 import hsam
-from hsam.atomic import check_writable_folder
-from hsam.config import DataConfig, from_dict, load_run_config
+from hsam.atomic import (
+    atomic_write_text,
+    check_writable_folder,
+    make_staging_dir,
+    remove_stale_staging_dirs,
+)
+from hsam.config import DataConfig, check_legacy_data_num_classes, from_dict, load_run_config
 from hsam.data import Case, list_cases, read_dataset, read_list
-from hsam.data.readers import FORMATS
+from hsam.data.formats import FORMATS, detect_format
 from hsam.errors import CheckpointError, ConfigError, DataError
-from hsam.imageio import Geometry, atomic_write_text, refuse_existing, write_label_volume
-from hsam.intensity import to_model_range
-from hsam.metrics import evaluate_case
-from hsam.prediction import (
-    InferenceModel,
+from hsam.imageio import Geometry, refuse_existing, write_label_volume
+from hsam.predictor import (
+    Prediction,
+    Predictor,
     check_batch_size,
     check_postprocess,
     check_precision,
     check_volume_factor,
-    load_inference_model,
-    log_volume_check,
     normalize_stage,
 )
-from hsam.reports import case_rows, write_reports
+from hsam.reports import write_reports
+from hsam.scoring import evaluate_cases
 from hsam.volume_check import DEFAULT_FACTOR
 
 logger = logging.getLogger(__name__)
@@ -86,39 +90,6 @@ PREDICTION_EXTENSION = ".nii.gz"
 # --------------------------------------------------------------------------------------------
 # data selection
 # --------------------------------------------------------------------------------------------
-def detect_format(root: str | os.PathLike) -> str:
-    """Guess the :func:`hsam.data.read_dataset` format of a dataset folder from its layout.
-
-    ``cases/`` + ``dataset.json`` -> ``prepared``; ``2018LA_Seg_Training Set/`` or
-    ``*/mri_norm2.h5`` -> ``la``; ``test_vol_h5/`` or ``*.npy.h5`` -> ``synapse``;
-    ``imagesTr/`` -> ``nnunet``; ``data/*.h5`` or ``data/slices/`` -> ``acdc``;
-    ``Case*.mhd`` -> ``promise12``.
-
-    Raises:
-        DataError: the folder does not exist or matches none of them.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"dataset folder {root} does not exist; check the path")
-    if (root / "cases").is_dir() and (root / "dataset.json").is_file():
-        return "prepared"
-    if (root / "2018LA_Seg_Training Set").is_dir() or any(root.glob("*/mri_norm2.h5")):
-        return "la"
-    if (root / "test_vol_h5").is_dir() or any(root.glob("*.npy.h5")):
-        return "synapse"
-    if (root / "imagesTr").is_dir():
-        return "nnunet"
-    data = root / "data"
-    if data.is_dir() and (any(data.glob("*.h5")) or (data / "slices").is_dir()):
-        return "acdc"
-    if any(root.rglob("Case*.mhd")):
-        return "promise12"
-    raise DataError(
-        f"cannot tell the dataset format of {root} from its layout; pass format= one of "
-        f"{', '.join(FORMATS)} (--format on the command line)"
-    )
-
-
 def _manifest_val(meta: dict[str, Any]) -> list[str]:
     for key in ("manifest", "split_manifest"):
         manifest = meta.get(key)
@@ -188,9 +159,11 @@ def resolve_data(
     data: str | os.PathLike | None,
     *,
     checkpoint_config: dict[str, Any],
+    num_classes: int,
     format: str | None = None,
 ) -> tuple[DataConfig | None, str, Path]:
-    """(data config or None, format, root) for ``data`` (see module doc)."""
+    """(data config or None, format, root) for ``data`` (see module doc). A run config whose
+    ``model.num_classes`` is not the checkpoint's `num_classes` (K) is refused."""
     if data is None:
         raw = checkpoint_config.get("data")
         if not isinstance(raw, dict):
@@ -198,7 +171,12 @@ def resolve_data(
                 "the checkpoint stores no data config; pass the data (a run config or a "
                 "dataset folder)"
             )
-        cfg = from_dict(DataConfig, dict(raw), "checkpoint config.data")
+        raw = dict(raw)
+        if "num_classes" in raw:  # written before K was stored once (see hsam.config)
+            check_legacy_data_num_classes(
+                raw.pop("num_classes"), num_classes, "checkpoint config", log_level=logging.DEBUG
+            )
+        cfg = from_dict(DataConfig, raw, "checkpoint config.data")
     else:
         path = Path(data)
         if path.is_dir():
@@ -213,7 +191,14 @@ def resolve_data(
                 f"data {path} is a file but not a run config (.yaml/.yml); pass the config or "
                 "the dataset folder"
             )
-        cfg = load_run_config(path).data
+        run_cfg = load_run_config(path)
+        if run_cfg.model.num_classes != num_classes:
+            raise CheckpointError(
+                f"the checkpoint predicts {num_classes} foreground class(es) but the config "
+                f"{data} has model.num_classes = {run_cfg.model.num_classes}; evaluate a "
+                "checkpoint trained on this label map"
+            )
+        cfg = run_cfg.data
     if not cfg.root:
         raise ConfigError("data.root is empty: set it to the dataset folder.")
     fmt = (format or cfg.format).strip().lower()
@@ -223,9 +208,10 @@ def resolve_data(
 # --------------------------------------------------------------------------------------------
 # per case
 # --------------------------------------------------------------------------------------------
-def check_classes(case: Case, model: InferenceModel, source: str) -> None:
-    """CheckpointError when the case's label map does not fit the model's K classes."""
-    k = model.num_classes
+def check_classes(case: Case, predictor: Predictor, source: str) -> None:
+    """CheckpointError when the case's label map does not fit the predictor's K classes
+    (DataError when it has none)."""
+    k = predictor.num_classes
     k_data = case.num_classes
     if case.label is None:
         raise DataError(
@@ -237,18 +223,11 @@ def check_classes(case: Case, model: InferenceModel, source: str) -> None:
         found = k_data if k_data else top
         named = ", ".join(f"{c} {n}" for c, n in sorted(case.label_names.items()) if c > 0)
         raise CheckpointError(
-            f"checkpoint {model.checkpoint} predicts {k} foreground class(es) but the data "
+            f"checkpoint {predictor.name} predicts {k} foreground class(es) but the data "
             f"({source}, case {case.case_id}) has {found} (label values up to {top}"
             + (f"; classes {named}" if named else "")
             + "); evaluate with a checkpoint trained on this label map"
         )
-
-
-def _class_names(case: Case, model: InferenceModel) -> dict[int, str]:
-    names = {c: n for c, n in case.label_names.items() if 0 < c <= model.num_classes}
-    if len(names) == model.num_classes:
-        return names
-    return {c: n for c, n in model.label_names.items() if c > 0}
 
 
 def _geometry(case: Case) -> Geometry:
@@ -336,26 +315,27 @@ def evaluate_checkpoint(
     if not overwrite:
         refuse_existing(report_paths)
     check_writable_folder(out, "report folder")  # before the model is loaded or anything run
-    model = load_inference_model(
+    predictor = Predictor.from_checkpoint(
         checkpoint,
         device=device,
         backbone_weights=backbone_weights,
         intensity_policy=intensity_policy,
         stage=stage,
+        batch_size=batch_size,
+        precision=prec,
+        postprocess=postprocess,
     )
-    cfg, fmt, root = resolve_data(data, checkpoint_config=model.loaded.config, format=format)
-    if cfg is not None and data is not None and cfg.num_classes != model.num_classes:
-        raise CheckpointError(
-            f"checkpoint {checkpoint} predicts {model.num_classes} foreground class(es) but the "
-            f"config {data} has data.num_classes = {cfg.num_classes}; evaluate a checkpoint "
-            "trained on this label map"
-        )
+    loaded = predictor.loaded
+    assert loaded is not None  # from a checkpoint
+    cfg, fmt, root = resolve_data(
+        data, checkpoint_config=loaded.config, num_classes=predictor.num_classes, format=format
+    )
     ids, ids_from = resolve_split(
         split,
         fmt=fmt,
         root=root,
         test_list=cfg.test_list if cfg is not None else None,
-        meta=model.loaded.meta,
+        meta=loaded.meta,
         from_config=cfg is not None,
     )
     if not ids:
@@ -375,10 +355,10 @@ def evaluate_checkpoint(
         ids_from,
         stage,
         prec,
-        model.device,
-        model.intensity_policy,
+        predictor.device,
+        predictor.intensity_policy,
     )
-    log_volume_check(model, volume_factor)
+    predictor.log_volume_check(volume_factor)
 
     out_existed = out.exists()
     staging: Path | None = None
@@ -388,50 +368,50 @@ def evaluate_checkpoint(
         flagged: list[tuple[str, str]] = []
         start = time.perf_counter()
         bar = tqdm(ids, desc="evaluate", unit="case", disable=None if progress else True)
-        for cid in bar:
-            t0 = time.perf_counter()
-            (case,) = read_dataset(fmt, root, [cid])
-            check_classes(case, model, source)
-            image01 = to_model_range(case.image, model.intensity_policy, already=case.intensity)
-            labels, _ = model.segment(
-                image01,
-                stage=stage,
-                batch_size=batch_size,
-                precision=prec,
-                postprocess=postprocess,
-            )
-            assert case.label is not None  # checked above
-            result = evaluate_case(
-                labels, case.label, model.num_classes, case.spacing, nsd_tolerance_mm
-            )
-            names = _class_names(case, model)
-            found = model.check_volumes(
-                labels, f"case {case.case_id}", factor=volume_factor, label_names=names
-            )
-            flagged += [(case.case_id, w.class_name) for w in found]
-            rows += case_rows(
-                case.case_id,
-                result,
-                names,
-                volume_warnings={w.class_index: w.detail for w in found},
-            )
-            if save_predictions:
-                if staging is None:  # created lazily: a failure on the first case leaves no trace
-                    out.mkdir(parents=True, exist_ok=True)
-                    staging = Path(tempfile.mkdtemp(prefix=".hsam-evaluate-", dir=out))
-                write_label_volume(labels, _geometry(case), staging / pred_paths[cid].name)
-            seconds = time.perf_counter() - t0
-            dice = [c["legacy"]["dice"] for c in result["classes"]]
+        read_ids: list[str] = []  # the listed id of each case read (a reader may rename it)
+
+        def read_cases() -> Iterator[Case]:
+            for cid in bar:  # read lazily: evaluate_cases scores each case before the next
+                read_ids.append(cid)
+                (case,) = read_dataset(fmt, root, [cid])
+                check_classes(case, predictor, source)
+                yield case
+
+        def save(case: Case, _: int, prediction: Prediction) -> None:
+            nonlocal staging
+            if staging is None:  # created lazily: a failure on the first case leaves no trace
+                out.mkdir(parents=True, exist_ok=True)
+                remove_stale_staging_dirs(out, "evaluate")
+                staging = make_staging_dir(out, "evaluate")
+            name = pred_paths[read_ids[-1]].name
+            write_label_volume(prediction.labels, _geometry(case), staging / name)
+
+        evaluations = evaluate_cases(
+            predictor,
+            read_cases(),
+            nsd_tolerance_mm=nsd_tolerance_mm,
+            volume_factor=volume_factor,
+            save=save if save_predictions else None,
+        )
+        for evaluation in evaluations:
+            case, (score,) = evaluation.case, evaluation.scores
+            flagged += [(case.case_id, w.class_name) for w in score.volume_warnings]
+            rows += score.rows
             per_case.append(
                 {
                     "case": case.case_id,
                     "shape": list(case.shape),
-                    "seconds": round(seconds, 3),
-                    "volume_warnings": [w.to_dict() for w in found],
+                    "seconds": round(evaluation.seconds, 3),
+                    "volume_warnings": [w.to_dict() for w in score.volume_warnings],
                 }
             )
-            logger.info("%s: legacy Dice %s (%.1f s)", cid, [round(d, 4) for d in dice], seconds)
-            bar.set_postfix(dice=f"{float(np.mean(dice)):.3f}")
+            logger.info(
+                "%s: legacy Dice %s (%.1f s)",
+                read_ids[-1],
+                [round(d, 4) for d in score.dice],
+                evaluation.seconds,
+            )
+            bar.set_postfix(dice=f"{float(np.mean(score.dice)):.3f}")
         total = time.perf_counter() - start
 
         info = {
@@ -440,23 +420,23 @@ def evaluate_checkpoint(
             "torch_version": str(torch.__version__),
             "checkpoint": str(checkpoint),
             "checkpoint_meta": {
-                k: model.loaded.meta[k]
+                k: loaded.meta[k]
                 for k in ("epoch", "metrics", "intensity_policy", "label_names")
-                if k in model.loaded.meta
+                if k in loaded.meta
             },
             "model": {
-                "backbone": model.loaded.model_config.backbone,
-                "image_size": model.loaded.model_config.image_size,
-                "num_classes": model.num_classes,
-                "stages": model.loaded.model_config.stages,
+                "backbone": loaded.model_config.backbone,
+                "image_size": loaded.model_config.image_size,
+                "num_classes": predictor.num_classes,
+                "stages": loaded.model_config.stages,
             },
             "data": {"format": fmt, "root": str(root), "split": split, "ids_from": ids_from},
             "cases": per_case,
             "stage": stage,
             "precision": prec,
-            "device": str(model.device),
+            "device": str(predictor.device),
             "batch_size": batch_size,
-            "intensity_policy": model.intensity_policy,
+            "intensity_policy": predictor.intensity_policy,
             "nsd_tolerance_mm": nsd_tolerance_mm
             if isinstance(nsd_tolerance_mm, (int, float))
             else list(nsd_tolerance_mm),
@@ -464,9 +444,9 @@ def evaluate_checkpoint(
             "volume_check": {
                 "factor": volume_factor,
                 "class_volume_fraction_range": None
-                if model.volume_ranges is None
-                else {str(c): [lo, hi] for c, (lo, hi) in model.volume_ranges.items()},
-                "checked": volume_factor is not None and model.volume_ranges is not None,
+                if predictor.volume_ranges is None
+                else {str(c): [lo, hi] for c, (lo, hi) in predictor.volume_ranges.items()},
+                "checked": volume_factor is not None and predictor.volume_ranges is not None,
                 "n_warnings": len(flagged),
             },
         }

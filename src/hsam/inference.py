@@ -1,4 +1,5 @@
-"""Slice-wise inference over whole volumes (shared by validation, `evaluate`, `predict`, demo)."""
+"""Slice-wise inference of a model over whole [0, 1] volumes, with or without a shared frozen
+encoder prefix. The functions the Predictor (hsam.predictor) runs; applications use it."""
 
 from __future__ import annotations
 
@@ -67,8 +68,9 @@ def labels_from_probabilities(probs: torch.Tensor, shape: tuple[int, int]) -> np
     return probabilities_to_grid(probs, shape).argmax(1).cpu().numpy()
 
 
-def _label_dtype(num_classes: int) -> type:
-    return np.uint8 if num_classes <= 256 else np.uint16
+def _label_dtype(num_tokens: int) -> type:
+    """Smallest unsigned type for labels ``0..num_tokens - 1``."""
+    return np.uint8 if num_tokens <= 256 else np.uint16
 
 
 @torch.no_grad()
@@ -94,10 +96,10 @@ def predict_volume(
     model.eval()
     device = next(model.parameters()).device
     _, h, w = volume.shape
-    labels = np.zeros(volume.shape, dtype=_label_dtype(model.num_classes))
+    labels = np.zeros(volume.shape, dtype=_label_dtype(model.num_tokens))
     probs_out = None
     if return_probabilities:
-        probs_out = np.zeros((model.num_classes, *volume.shape), dtype=np.float32)
+        probs_out = np.zeros((model.num_tokens, *volume.shape), dtype=np.float32)
     batches = _slice_batches(volume, model.image_size, batch_size, device, model.test_input_size)
     for index, x in batches:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -147,7 +149,7 @@ def predict_from_prefix(
     `predict_volume` on the volume (same math, the prefix is just not recomputed)."""
     model.eval()
     device = next(model.parameters()).device
-    labels = np.zeros((features.shape[0], *shape), dtype=_label_dtype(model.num_classes))
+    labels = np.zeros((features.shape[0], *shape), dtype=_label_dtype(model.num_tokens))
     for start in range(0, features.shape[0], batch_size):
         x = features[start : start + batch_size].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -172,7 +174,7 @@ def predict_volume_shared_prefix(
     slice. Returns one (D, H, W) label volume per model."""
     device = next(models[0].parameters()).device
     _, h, w = volume.shape
-    outputs = [np.zeros(volume.shape, dtype=_label_dtype(m.num_classes)) for m in models]
+    outputs = [np.zeros(volume.shape, dtype=_label_dtype(m.num_tokens)) for m in models]
     for model in models:
         model.eval()
     size, input_size = models[0].image_size, models[0].test_input_size

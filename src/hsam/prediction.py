@@ -1,5 +1,8 @@
 """`hsam predict`: segment medical volumes with a trained checkpoint, on the input's exact grid.
 
+The file layer over :class:`hsam.predictor.Predictor` (which loads the checkpoint, applies its
+intensity policy and predicts): choosing, checking and staging the output files.
+
 Pipeline per input (NIfTI ``.nii``/``.nii.gz``, MetaImage ``.mha``/``.mhd``, ``.nrrd``, or a
 folder holding one DICOM series; folders of such files are expanded by
 :func:`hsam.imageio.list_inputs`):
@@ -8,12 +11,13 @@ folder holding one DICOM series; folders of such files are expanded by
    geometry, never reoriented, flipped or transposed;
 2. intensities mapped to the model's ``[0, 1]`` with the checkpoint's stored policy
    (``meta["intensity_policy"]``, :func:`hsam.intensity.to_model_range`);
-3. :func:`hsam.inference.predict_volume`: **slices are taken along the first array axis of the
-   SimpleITK array, i.e. the image's k (z) index**: slice ``d`` is ``array[d]``, a plane of
-   constant voxel index k whatever the direction cosines say (axial for a usual axial CT/MR
-   acquisition; for a sagittal or coronal acquisition it is that acquisition plane). Every
-   slice is predicted (empty ones too); the class probabilities are resized back to the
-   slice grid (bilinear) and the labels are their argmax;
+3. :meth:`hsam.predictor.Predictor.predict` (:func:`hsam.inference.predict_volume`): **slices
+   are taken along the first array axis of the SimpleITK array, i.e. the image's k (z)
+   index**: slice ``d`` is ``array[d]``, a plane of constant voxel index k whatever the
+   direction cosines say (axial for a usual axial CT/MR acquisition; for a sagittal or coronal
+   acquisition it is that acquisition plane). Every slice is predicted (empty ones too); the
+   class probabilities are resized back to the slice grid (bilinear) and the labels are their
+   argmax;
 4. the label map is written on exactly the input's grid (same shape, spacing, origin,
    direction; a NIfTI output of a NIfTI input also keeps the input's qform/sform bit for bit)
    with :func:`hsam.imageio.write_label_volume`; optionally the per-class probabilities
@@ -42,25 +46,19 @@ which).
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import shutil
-import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
 import SimpleITK as sitk  # noqa: N813
-import torch
 from tqdm.auto import tqdm
 
-from hsam.atomic import check_writable_folder
-from hsam.checkpoint import LoadedCheckpoint, load_checkpoint
-from hsam.devices import resolve_device
-from hsam.errors import CheckpointError, ConfigError, DataError
+from hsam.atomic import check_writable_folder, make_staging_dir, remove_stale_staging_dirs
+from hsam.errors import DataError
 from hsam.imageio import (
     SUPPORTED_EXTENSIONS,
     list_inputs,
@@ -72,242 +70,23 @@ from hsam.imageio import (
     write_label_volume,
     write_probability_volume,
 )
-from hsam.inference import Stage, predict_volume
-from hsam.intensity import parse_policy, to_model_range
-from hsam.modeling.hsam import HSAM
 from hsam.overlay import render_overlay
-from hsam.postprocess import POSTPROCESS_CHOICES, postprocess_labels
-from hsam.volume_check import (
-    DEFAULT_FACTOR,
-    VolumeWarning,
-    check_factor,
-    ranges_from_meta,
-    volume_warnings,
+from hsam.predictor import (
+    Predictor,
+    check_batch_size,
+    check_postprocess,
+    check_precision,
+    check_volume_factor,
+    normalize_stage,
 )
+from hsam.volume_check import DEFAULT_FACTOR, VolumeWarning
 
 logger = logging.getLogger(__name__)
 
-Precision = Literal["fp32", "bf16"]
 #: Suffixes of the files written for one input.
 LABEL_SUFFIX = "_seg"
 PROBABILITY_SUFFIX = "_prob"
 OVERLAY_SUFFIX = "_overlay.png"
-
-
-# --------------------------------------------------------------------------------------------
-# model loading, shared with hsam.evaluation
-# --------------------------------------------------------------------------------------------
-def normalize_stage(stage: str | int) -> Stage:
-    """``1``/``"1"``, ``2``/``"2"`` or ``"fused"`` (ConfigError otherwise)."""
-    value = str(stage).strip().lower()
-    if value not in ("1", "2", "fused"):
-        raise ConfigError(f"stage must be 1, 2 or fused, got {stage!r}.")
-    return value  # type: ignore[return-value]
-
-
-def check_precision(precision: str) -> Precision:
-    if precision not in ("fp32", "bf16"):
-        raise ConfigError(f"precision must be 'fp32' or 'bf16', got {precision!r}.")
-    return precision  # type: ignore[return-value]
-
-
-def check_postprocess(method: str) -> str:
-    """`method` if it names a post-processing (hsam.postprocess), else a ConfigError."""
-    if method not in POSTPROCESS_CHOICES:
-        raise ConfigError(
-            f"unknown post-processing {method!r}; choose one of {', '.join(POSTPROCESS_CHOICES)}."
-        )
-    return method
-
-
-def check_volume_factor(factor: float | None) -> float | None:
-    """The predicted-size check's factor (>= 1), or None when off (``None`` or ``0``)."""
-    try:
-        return check_factor(factor)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(str(exc)) from exc
-
-
-def check_batch_size(batch_size: int) -> int:
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    return int(batch_size)
-
-
-def checkpoint_label_names(meta: dict[str, Any], num_classes: int) -> dict[int, str]:
-    """``{0: background, 1..K: name}`` from ``meta["label_names"]`` (int or str keys).
-
-    Missing names become ``class_<c>``; a key that is not an integer is a CheckpointError.
-    """
-    names = {0: "background", **{c: f"class_{c}" for c in range(1, num_classes + 1)}}
-    raw = meta.get("label_names")
-    if raw is None:
-        return names
-    if not isinstance(raw, dict):
-        raise CheckpointError(
-            f"checkpoint meta 'label_names' must map label ids to names, got {type(raw).__name__}"
-        )
-    for key, value in raw.items():
-        try:
-            idx = int(key)
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(
-                f"checkpoint meta 'label_names' has a non-integer label id {key!r}"
-            ) from exc
-        if 0 <= idx <= num_classes:
-            names[idx] = str(value)
-    return names
-
-
-@dataclass
-class InferenceModel:
-    """A checkpoint ready for inference.
-
-    Attributes:
-        model: the network, in eval mode, on ``device``.
-        device: where it runs.
-        num_classes: foreground classes K (the model predicts labels ``0..K``).
-        intensity_policy: how raw intensities are mapped to ``[0, 1]``.
-        label_names: ``{0: "background", 1..K: name}``.
-        checkpoint: the file it was loaded from.
-        loaded: the full :class:`~hsam.checkpoint.LoadedCheckpoint` (config, meta).
-    """
-
-    model: HSAM
-    device: torch.device
-    num_classes: int
-    intensity_policy: str
-    label_names: dict[int, str]
-    checkpoint: Path
-    loaded: LoadedCheckpoint
-
-    def segment(
-        self,
-        volume01: np.ndarray,
-        *,
-        stage: Stage = "fused",
-        batch_size: int = 8,
-        precision: Precision = "fp32",
-        return_probabilities: bool = False,
-        postprocess: str = "none",
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Labels ``(D, H, W)`` (and probabilities ``(T, D, H, W)``) of a ``[0, 1]`` volume,
-        slice by slice along axis 0 (see :func:`hsam.inference.predict_volume`), then the
-        named post-processing of the labels (:mod:`hsam.postprocess`; probabilities as
-        predicted)."""
-        labels, probs = predict_volume(
-            self.model,
-            volume01,
-            batch_size=batch_size,
-            stage=stage,
-            precision=precision,
-            return_probabilities=return_probabilities,
-        )
-        return postprocess_labels(labels, self.num_classes, postprocess), probs
-
-    @functools.cached_property
-    def volume_ranges(self) -> dict[int, tuple[float, float]] | None:
-        """Per-class training range of the volume fraction (``meta[
-        "class_volume_fraction_range"]``), or None for checkpoints that do not record it."""
-        return ranges_from_meta(self.loaded.meta, self.num_classes)
-
-    def check_volumes(
-        self,
-        labels: np.ndarray,
-        where: str,
-        *,
-        factor: float | None = DEFAULT_FACTOR,
-        label_names: Mapping[int, str] | None = None,
-    ) -> list[VolumeWarning]:
-        """Predicted classes far outside the training size range
-        (:func:`hsam.volume_check.volume_warnings`), each logged as a WARNING naming ``where``
-        (the case or file). Empty when in range, when ``factor`` is None/0, or when the
-        checkpoint has no range."""
-        names = label_names or {c: n for c, n in self.label_names.items() if c > 0}
-        found = volume_warnings(
-            labels, self.num_classes, self.volume_ranges, factor, label_names=names
-        )
-        for w in found:
-            logger.warning("%s: %s", where, w.message)
-        return found
-
-
-def log_volume_check(model: InferenceModel, factor: float | None) -> None:
-    """Say once whether predicted sizes will be checked (and against what)."""
-    if factor is None or factor == 0:
-        logger.info("predicted-size check turned off")
-    elif model.volume_ranges is None:
-        logger.info(
-            "checkpoint %s records no class_volume_fraction_range (trained before it was "
-            "stored); predicted structure sizes are not checked",
-            model.checkpoint,
-        )
-    else:
-        logger.info(
-            "checking predicted structure sizes (fraction of the scan's voxels) against the "
-            "training range, tolerance factor %g: %s",
-            factor,
-            ", ".join(
-                f"{model.label_names.get(c, c)} {lo:.3g}-{hi:.3g}"
-                for c, (lo, hi) in model.volume_ranges.items()
-            ),
-        )
-
-
-def load_inference_model(
-    checkpoint: str | os.PathLike,
-    *,
-    device: str = "auto",
-    backbone_weights: str | None = None,
-    intensity_policy: str | None = None,
-    stage: str | int = "fused",
-) -> InferenceModel:
-    """Load ``checkpoint`` for inference on ``device`` and read its preprocessing metadata.
-
-    Args:
-        checkpoint: an hsam checkpoint (written by ``hsam train``).
-        device: ``"auto"`` (cuda if available, else cpu), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
-        backbone_weights: the SAM weights file, where it lives elsewhere than at training time
-            (its sha256 must match the one recorded in the checkpoint).
-        intensity_policy: override of ``meta["intensity_policy"]`` (e.g.
-            ``"ct_window[-125,275]"``); needed only for checkpoints that lack it.
-        stage: checked against the model (stage 2 needs a two-stage model).
-
-    Raises:
-        CheckpointError: unreadable checkpoint, backbone mismatch, no intensity policy.
-        ConfigError: bad device or stage.
-    """
-    dev = resolve_device(device)
-    stage = normalize_stage(stage)
-    loaded = load_checkpoint(checkpoint, backbone_weights=backbone_weights)
-    cfg = loaded.model_config
-    if stage == "2" and cfg.stages == 1:
-        raise ConfigError(
-            f"stage 2 was requested but checkpoint {checkpoint} is a one-stage model "
-            "(model.stages = 1); use --stage 1 or fused."
-        )
-    policy = intensity_policy or loaded.meta.get("intensity_policy")
-    if not policy:
-        raise CheckpointError(
-            f"checkpoint {checkpoint} does not record its intensity preprocessing "
-            "(meta['intensity_policy']); pass it explicitly, e.g. intensity_policy="
-            "'ct_window[-125,275]' for CT or 'percentile[0.5,99.5]' for MR."
-        )
-    try:
-        parse_policy(str(policy))
-    except DataError as exc:
-        raise CheckpointError(f"checkpoint {checkpoint}: {exc}") from exc
-    model = loaded.built.model.to(dev).eval()
-    k = int(cfg.num_classes)
-    return InferenceModel(
-        model=model,
-        device=dev,
-        num_classes=k,
-        intensity_policy=str(policy),
-        label_names=checkpoint_label_names(loaded.meta, k),
-        checkpoint=Path(checkpoint),
-        loaded=loaded,
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,44 +238,34 @@ def _commit_staged(staging: Path, labels: Path, *, overwrite: bool) -> None:
 
 def _write_one(
     target: PredictionTarget,
-    model: InferenceModel,
+    predictor: Predictor,
     *,
-    stage: Stage,
-    batch_size: int,
-    precision: Precision,
     overwrite: bool,
     volume_factor: float | None = DEFAULT_FACTOR,
-    postprocess: str = "none",
 ) -> tuple[list[Path], list[VolumeWarning]]:
     vol = read_volume(target.input)
-    image01 = to_model_range(vol.array, model.intensity_policy)
-    labels, probs = model.segment(
-        image01,
-        stage=stage,
-        batch_size=batch_size,
-        precision=precision,
-        return_probabilities=target.probabilities is not None,
-        postprocess=postprocess,
-    )
+    prediction = predictor.predict(vol.array, return_probabilities=target.probabilities is not None)
+    labels, probs = prediction.labels, prediction.probabilities
     dest_dir = target.labels.parent
     dest_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".hsam-predict-", dir=dest_dir))
+    remove_stale_staging_dirs(dest_dir, "predict")
+    staging = make_staging_dir(dest_dir, "predict")
     try:
         write_label_volume(labels, vol.geometry, staging / target.labels.name)
         if target.probabilities is not None and probs is not None:
             write_probability_volume(probs, vol.geometry, staging / target.probabilities.name)
         if target.overlay is not None:
             render_overlay(
-                image01,
+                prediction.image,
                 labels,
-                {k: v for k, v in model.label_names.items() if k > 0},
+                {k: v for k, v in predictor.label_names.items() if k > 0},
                 staging / target.overlay.name,
                 spacing=vol.spacing,
             )
         _commit_staged(staging, target.labels, overwrite=overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    counts = np.bincount(labels.ravel(), minlength=model.num_classes + 1)
+    counts = np.bincount(labels.ravel(), minlength=predictor.num_classes + 1)
     # The writers log at DEBUG under the hidden staging folder; the final names go here.
     logger.info(
         "%s -> %s (shape %s, foreground voxels per class %s)",
@@ -505,7 +274,7 @@ def _write_one(
         labels.shape,
         counts[1:].tolist(),
     )
-    found = model.check_volumes(labels, str(target.input), factor=volume_factor)
+    found = predictor.check_volumes(labels, str(target.input), factor=volume_factor)
     return target.paths(), found
 
 
@@ -582,23 +351,26 @@ def predict_files(
         check_writable_folder(folder, "output folder")
     for t in targets:
         _check_header(t.input)
-    model = load_inference_model(
+    predictor = Predictor.from_checkpoint(
         checkpoint,
         device=device,
         backbone_weights=backbone_weights,
         intensity_policy=intensity_policy,
         stage=stage,
+        batch_size=batch_size,
+        precision=prec,
+        postprocess=postprocess,
     )
     logger.info(
         "predicting %d input(s) with %s on %s (stage %s, %s, intensity %s)",
         len(targets),
         checkpoint,
-        model.device,
+        predictor.device,
         stage,
         prec,
-        model.intensity_policy,
+        predictor.intensity_policy,
     )
-    log_volume_check(model, volume_factor)
+    predictor.log_volume_check(volume_factor)
     written: list[Path] = []
     done: list[Path] = []
     flagged: list[tuple[Path, VolumeWarning]] = []
@@ -606,14 +378,7 @@ def predict_files(
     for t in bar:
         try:
             paths, found = _write_one(
-                t,
-                model,
-                stage=stage,
-                batch_size=batch_size,
-                precision=prec,
-                overwrite=overwrite,
-                volume_factor=volume_factor,
-                postprocess=postprocess,
+                t, predictor, overwrite=overwrite, volume_factor=volume_factor
             )
             written += paths
             flagged += [(t.input, w) for w in found]

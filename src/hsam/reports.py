@@ -38,11 +38,20 @@ from typing import Any
 
 import numpy as np
 
+from hsam.atomic import atomic_write_text
 from hsam.errors import DataError
-from hsam.imageio import atomic_write_text, refuse_existing
+from hsam.imageio import refuse_existing
 from hsam.metrics import METRICS, POLICIES, bootstrap_ci, mean_over_classes, per_class_mean
 
 logger = logging.getLogger(__name__)
+
+
+def _write_report(path: str | os.PathLike, text: str, *, overwrite: bool) -> Path:
+    """Write one report atomically and name it in the log (the files a user looks for)."""
+    written = atomic_write_text(path, text, overwrite=overwrite)
+    logger.info("wrote %s", path)
+    return written
+
 
 SUMMARY_FORMAT = "hsam-metrics-summary/1"
 #: Columns of the per-case CSV, in order. One row per (case, class).
@@ -175,7 +184,7 @@ def write_per_case_csv(
 ) -> Path:
     """Write the per-case CSV atomically (one row per case x class, both policies)."""
     text = per_case_csv_text(rows)  # build fully before touching the disk
-    return atomic_write_text(path, text, overwrite=overwrite)
+    return _write_report(path, text, overwrite=overwrite)
 
 
 def read_per_case_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -340,7 +349,7 @@ def write_summary_json(
         text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
     except ValueError as exc:
         raise DataError(f"summary holds NaN/inf; build it with summarize() ({exc})") from exc
-    return atomic_write_text(path, text, overwrite=overwrite)
+    return _write_report(path, text, overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,7 +537,7 @@ def write_markdown_table(
     overwrite: bool = False,
 ) -> Path:
     """Write :func:`markdown_table` atomically."""
-    return atomic_write_text(path, markdown_table(summaries), overwrite=overwrite)
+    return _write_report(path, markdown_table(summaries), overwrite=overwrite)
 
 
 def write_reports(
@@ -560,7 +569,7 @@ def write_reports(
     summary = summarize(rows, n_resamples=n_resamples, confidence=confidence, seed=seed)
     json_text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
     md_text = markdown_table({run_name: summary})
-    atomic_write_text(paths["per_case_csv"], csv_text, overwrite=overwrite)
-    atomic_write_text(paths["summary_json"], json_text, overwrite=overwrite)
-    atomic_write_text(paths["table_md"], md_text, overwrite=overwrite)
+    _write_report(paths["per_case_csv"], csv_text, overwrite=overwrite)
+    _write_report(paths["summary_json"], json_text, overwrite=overwrite)
+    _write_report(paths["table_md"], md_text, overwrite=overwrite)
     return paths

@@ -2,27 +2,20 @@
 few-shot splits and the ``prepare`` converter.
 
 Axis convention everywhere: volumes are ``(D, H, W)`` with 2-D slices ``image[d]``; spacing in
-mm along ``(D, H, W)``. See :mod:`hsam.data.readers` for each format's conversion.
+mm along ``(D, H, W)``. See :mod:`hsam.data.formats` for each format's conversion.
 """
 
 from __future__ import annotations
 
 from hsam.data.augment import Augmenter
 from hsam.data.case import Case
-from hsam.data.prepare import PrepareResult, prepare, save_case_npz
-from hsam.data.readers import (
-    FORMATS,
-    apply_intensity,
-    ct_window,
-    list_cases,
-    minmax,
-    read_dataset,
-    read_list,
+from hsam.data.formats import FORMATS, detect_format, list_cases, read_dataset, read_list
+from hsam.data.formats.synapse import (
     read_synapse_slice,
     read_synapse_training_volume,
     read_synapse_volume,
-    zscore,
 )
+from hsam.data.prepare import PrepareResult, prepare, save_case_npz
 from hsam.data.slices import (
     SliceDataset,
     class_frequencies,
@@ -44,6 +37,7 @@ from hsam.data.splits import (
     standard_split_path,
     write_manifest,
 )
+from hsam.intensity import apply_intensity, ct_window, minmax, zscore
 
 __all__ = [
     "FORMATS",
@@ -57,6 +51,7 @@ __all__ = [
     "class_volume_fraction_ranges",
     "class_volume_fractions",
     "ct_window",
+    "detect_format",
     "list_cases",
     "make_manifest",
     "manifest_sha256",

@@ -1,6 +1,6 @@
 """The one internal representation of a labelled (or unlabelled) volume: :class:`Case`.
 
-Axis convention (every reader converts to it, see :mod:`hsam.data.readers`):
+Axis convention (every reader converts to it, see :mod:`hsam.data.formats`):
 
 - ``image`` and ``label`` are 3-D arrays of shape ``(D, H, W)``;
 - ``image[d]`` is the 2-D slice the model sees (axial for CT/MR abdomen and LA, short-axis for
@@ -39,7 +39,7 @@ class Case:
         label_names: ``{class_id: name}``, with ``0`` the background.
         intensity: preprocessing already applied to ``image``: ``"ct_window[-125,275]"``,
             ``"zscore"``, ``"minmax"`` or ``"none"``
-            (see :func:`hsam.data.readers.apply_intensity`).
+            (see :func:`hsam.intensity.apply_intensity`).
         source: path the case was read from.
         origin: physical origin in SimpleITK ``(x, y, z)`` order, where the source has one.
         direction: SimpleITK direction cosines (9 floats, row-major), where the source has one.

@@ -10,7 +10,6 @@ Each item is ``{"image": float32 (1, S, S), "label": int64 (S, S), "case_id": st
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,8 @@ from torch.utils.data import Dataset
 
 from hsam.data.augment import Augmenter
 from hsam.data.case import Case
+from hsam.data.formats import REGISTRY, get_format, slice_files_format
+from hsam.data.formats.common import parse_slice_id, slice_id
 from hsam.errors import DataError
 from hsam.intensity import apply_bounds, model_range_bounds
 
@@ -36,30 +37,9 @@ __all__ = [
     "resize_image",
     "resize_label",
     "slice_id",
-    "synapse_slice_dir",
 ]
 
-_SLICE_ID_RE = re.compile(r"^(?P<case>.+?)_slice_?(?P<n>\d+)$")
-
 AugmentFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
-
-
-def slice_id(case_id: str, index: int) -> str:
-    """Upstream slice naming ``<case>_sliceNNN`` (zero-padded to 3 digits)."""
-    return f"{case_id}_slice{index:03d}"
-
-
-def synapse_slice_dir(root: Path) -> Path:
-    """Folder of the TransUNet training slices: ``root/train_npz``, or ``root`` itself."""
-    return root / "train_npz" if (root / "train_npz").is_dir() else root
-
-
-def parse_slice_id(name: str) -> tuple[str, int]:
-    """``"case0005_slice004"`` or ``"patient001_frame01_slice_3"`` -> ``(case_id, index)``."""
-    m = _SLICE_ID_RE.match(name)
-    if not m:
-        raise DataError(f"slice id {name!r} is not of the form <case>_sliceNNN or <case>_slice_N.")
-    return m.group("case"), int(m.group("n"))
 
 
 def _size2(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -102,13 +82,9 @@ def resize_label(label: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 
 
 def _read_slice_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    from hsam.data.readers import read_acdc_slice, read_synapse_slice
-
-    if path.suffix == ".npz":
-        return read_synapse_slice(path)
-    if path.suffix in (".h5", ".hdf5"):
-        return read_acdc_slice(path)
-    raise DataError(f"{path}: unknown slice file type; expected .npz (Synapse) or .h5 (ACDC).")
+    slice_files = slice_files_format(path).slice_files
+    assert slice_files is not None  # slice_files_format returns only formats that have them
+    return slice_files.read(path)
 
 
 def _volume_bounds(
@@ -254,14 +230,14 @@ class SliceDataset(Dataset):
         ids = list(slice_ids)
         if not ids:
             raise DataError("empty slice list; the split names no training slice.")
-        if format == "synapse":
-            base = synapse_slice_dir(root)
-            paths = [base / f"{i}.npz" for i in ids]
-        elif format == "acdc":
-            base = root / "data" / "slices" if (root / "data").is_dir() else root
-            paths = [base / f"{i}.h5" for i in ids]
-        else:
-            raise DataError(f"slice files exist for 'synapse' and 'acdc', not {format!r}.")
+        slice_files = get_format(format).slice_files
+        if slice_files is None:
+            having = [f.name for f in REGISTRY.values() if f.slice_files is not None]
+            raise DataError(
+                f"slice files exist for {' and '.join(map(repr, having))}, not {format!r}."
+            )
+        base = slice_files.folder(root)
+        paths = [base / f"{i}{slice_files.suffixes[0]}" for i in ids]
         return cls.from_slice_files(paths, size, **kwargs)
 
     # ------------------------------------------------------------------ access

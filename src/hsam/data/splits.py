@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from hsam.atomic import atomic_write_bytes, atomic_write_text
+from hsam.atomic import atomic_write_text
 from hsam.errors import DataError
 from hsam.hashing import file_sha256
 
@@ -37,8 +37,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "STANDARD_SPLITS",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "carve_validation",
     "file_sha256",
     "make_manifest",

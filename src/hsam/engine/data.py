@@ -27,14 +27,11 @@ from hsam.data import (
     select_cases,
     standard_split_path,
 )
+from hsam.data.formats import get_format
 from hsam.errors import DataError
 from hsam.intensity import policy_for, to_model_range
 
 logger = logging.getLogger(__name__)
-
-# Reader intensity of 2-D slice files (hsam.data.readers): Synapse npz are CT-windowed,
-# SSL4MIS ACDC slices are min-max normalised per volume.
-_SLICE_FILE_INTENSITY = {"synapse": "ct_window[-125,275]", "acdc": "minmax"}
 
 
 @dataclass
@@ -106,8 +103,11 @@ def _training_case_ids(cfg: DataConfig) -> tuple[list[str], str, list[Path]]:
     return ids, how, sources
 
 
-def build_run_data(data: DataConfig, train: TrainConfig, image_size: int) -> RunData:
-    """Read and select the training and validation data of a run."""
+def build_run_data(
+    data: DataConfig, train: TrainConfig, image_size: int, *, num_classes: int
+) -> RunData:
+    """Read and select the training and validation data of a run with `num_classes` (K,
+    the run's ``model.num_classes``) foreground classes."""
     if not data.root:
         raise DataError("data.root is empty: set it to the dataset folder.")
     augment = _augmenter(train)
@@ -121,12 +121,14 @@ def build_run_data(data: DataConfig, train: TrainConfig, image_size: int) -> Run
         case_ids = list(dict.fromkeys(parse_slice_id(s)[0] for s in slice_ids))
         train_ids, val_ids = carve_validation(case_ids, data.val_cases, data.val_seed)
         kept = [s for s in slice_ids if parse_slice_id(s)[0] in set(train_ids)]
-        applied = _SLICE_FILE_INTENSITY.get(data.format)
-        if applied is None:
+        # what the format's slice files already hold (Synapse npz: CT window; ACDC: minmax)
+        slice_files = get_format(data.format).slice_files
+        if slice_files is None:
             raise DataError(
                 f"data.train_slices_list works with slice files (synapse, acdc), not "
                 f"{data.format!r}; use data.train_list / train_cases instead."
             )
+        applied = slice_files.intensity
         policy = data.intensity or policy_for(applied)
         dataset = SliceDataset.from_slice_list(
             data.format,
@@ -141,7 +143,7 @@ def build_run_data(data: DataConfig, train: TrainConfig, image_size: int) -> Run
         )
         how = f"first {len(slice_ids)} lines of {Path(data.train_slices_list).name}"
         sources = [list_path(data.train_slices_list)]
-        label_names = {i: f"class{i}" for i in range(data.num_classes + 1)}
+        label_names = {i: f"class{i}" for i in range(num_classes + 1)}
         if val_ids:
             val_cases = read_dataset(data.format, data.root, val_ids)
         train_list = kept
@@ -153,7 +155,7 @@ def build_run_data(data: DataConfig, train: TrainConfig, image_size: int) -> Run
         train_ids, val_ids = carve_validation(ids, data.val_cases, data.val_seed)
         cases = read_dataset(data.format, data.root, train_ids + val_ids)
         for case in cases:
-            case.validate(data.num_classes)
+            case.validate(num_classes)
         policy = data.intensity or policy_for(cases[0].intensity)
         cases = [prepare_case(c, policy) for c in cases]
         train_cases = cases[: len(train_ids)]
@@ -171,10 +173,10 @@ def build_run_data(data: DataConfig, train: TrainConfig, image_size: int) -> Run
     val_cases = (
         [prepare_case(c, policy) for c in val_cases] if data.train_slices_list else val_cases
     )
-    freqs = class_frequencies(dataset, data.num_classes)
+    freqs = class_frequencies(dataset, num_classes)
     # whole volumes when the training data are volumes (also with foreground_only), the
     # selected slices of each volume for slice files (see class_volume_fractions)
-    volume_ranges = class_volume_fraction_ranges(dataset, data.num_classes)
+    volume_ranges = class_volume_fraction_ranges(dataset, num_classes)
     manifest = make_manifest(
         train=train_list, val=val_ids, method=how, seed=data.train_seed, sources=sources, **extra
     )

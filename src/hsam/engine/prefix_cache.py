@@ -17,7 +17,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from hsam.build import build_hsam
+from hsam.config import RunConfig, TrainConfig
 from hsam.data import SliceDataset
+from hsam.engine.data import RunData, build_run_data
 from hsam.inference import encode_volume_prefix
 from hsam.modeling.hsam import HSAM
 
@@ -100,6 +103,29 @@ class PrefixCache:
         )
         return cache
 
+    @classmethod
+    def for_run(
+        cls,
+        model: HSAM,
+        dataset: SliceDataset,
+        train: TrainConfig,
+        *,
+        device: torch.device,
+        show_progress: bool = True,
+    ) -> PrefixCache:
+        """The cache a run of `train` uses: up to `model`'s first LoRA unit, with the run's
+        views (`augmented_views`), batch size (`inference_batch_size`) and precision."""
+        return cls.build(
+            model,
+            dataset,
+            views=train.augmented_views,
+            stop_unit=model.first_trainable_unit,
+            batch_size=train.inference_batch_size,
+            device=device,
+            bf16=train.precision == "bf16",
+            show_progress=show_progress,
+        )
+
     def volume_features(
         self, model: HSAM, case_id: str, volume: np.ndarray, *, batch_size: int, bf16: bool
     ) -> Tensor:
@@ -125,3 +151,16 @@ class PrefixCache:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             yield self.features[view][idx], self.labels[view][idx]
+
+
+def build_shared_prefix_cache(cfg: RunConfig) -> tuple[RunData, PrefixCache]:
+    """The run's data and its encoder-prefix cache, on the CPU, to hand to several runs that
+    train on the same data and frozen backbone (`run_training(..., cache=...)`: the demo's two
+    models, the few-shot benchmark's configurations of one seed).
+
+    See :meth:`PrefixCache.for_run` for what it holds."""
+    tcfg = cfg.train
+    data = build_run_data(cfg.data, tcfg, cfg.model.image_size, num_classes=cfg.model.num_classes)
+    encoder = build_hsam(cfg.model, seed=tcfg.seed).model  # only its frozen units are used
+    cache = PrefixCache.for_run(encoder, data.train, tcfg, device=torch.device("cpu"))
+    return data, cache

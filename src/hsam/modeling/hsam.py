@@ -25,6 +25,13 @@ class HSAMOutput:
 class HSAM(nn.Module):
     """Prompt-free SAM with a LoRA-adapted frozen encoder and a two-stage decoder."""
 
+    #: Index into ``image_encoder.units()`` of the first unit with trainable (LoRA) parameters.
+    #: The units before it are frozen, so their output may be computed once and cached (the
+    #: encoder-prefix cache); ``len(units())`` when the whole encoder is frozen. 0 (nothing
+    #: cacheable: a new encoder is trainable throughout) until
+    #: :func:`hsam.build.apply_lora_and_freeze` sets it.
+    first_trainable_unit: int
+
     def __init__(
         self,
         *,
@@ -67,6 +74,7 @@ class HSAM(nn.Module):
         self.stage2_embedding_noise = stage2_embedding_noise
         self.fuse = fuse
         self.test_input_size = test_input_size
+        self.first_trainable_unit = 0
         # A new nn.Module starts in training mode; the frozen encoder must not, even before
         # anyone calls train()/eval() (a prefix cache built right after construction).
         self.image_encoder.eval()
@@ -87,8 +95,10 @@ class HSAM(nn.Module):
         return self.image_encoder
 
     @property
-    def num_classes(self) -> int:
-        """T, including background."""
+    def num_tokens(self) -> int:
+        """T = K + 1: the class (mask) tokens, one per output channel, background first.
+        Configs, cases and :class:`hsam.predictor.Predictor` call K ``num_classes``; the
+        model's count includes background, so it has its own name."""
         return self.mask_decoder.num_mask_tokens
 
     def preprocess(self, images: Tensor) -> Tensor:

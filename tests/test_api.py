@@ -1,0 +1,242 @@
+"""The public API (`hsam.*`): the README's Python example runs as written, and the Predictor
+and the scoring loop give the numbers of the low-level functions they wrap."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import hsam
+from conftest import write_nnunet_dataset
+from hsam.checkpoint import save_checkpoint
+from hsam.config import DataConfig, ModelConfig, TrainConfig, to_dict
+from hsam.errors import ConfigError, DataError
+from hsam.inference import predict_volume
+from hsam.intensity import to_model_range
+from hsam.metrics import evaluate_case
+from hsam.postprocess import keep_largest_component
+from hsam.predictor import Predictor, predict_shared, shared_prefix_groups
+from hsam.reports import case_rows
+from hsam.scoring import evaluate_cases
+
+REPO = Path(__file__).resolve().parents[1]
+POLICY = "percentile[0.5,99.5]"
+TINY = ModelConfig(backbone="tiny", image_size=64, num_classes=1, lora_rank=2, lora_last_n=1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tiny_model(seed: int, *, stages: int = 2, backbone_seed: int | None = None):
+    """A tiny H-SAM whose trainable weights are moved off their initial values (so two seeds
+    really differ); the frozen backbone comes from `backbone_seed` (default: `seed`)."""
+    cfg = dataclasses.replace(TINY, stages=stages)
+    built = hsam.build_hsam(cfg, seed=seed if backbone_seed is None else backbone_seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in built.model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return built
+
+
+def _write_checkpoint(path: Path, seed: int = 0, *, stages: int = 2) -> Path:
+    built = _tiny_model(seed, stages=stages)
+    cfg = dataclasses.replace(TINY, stages=stages)
+    config = {
+        "model": to_dict(cfg),
+        "data": to_dict(DataConfig()),
+        "train": to_dict(TrainConfig()),
+    }
+    meta = {"intensity_policy": POLICY, "label_names": {"0": "background", "1": "blob"}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, built, config=config, meta=meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """The files the README example names, relative to this folder."""
+    root = tmp_path_factory.mktemp("api")
+    _write_checkpoint(root / "runs" / "mine" / "checkpoints" / "best.pt")
+    write_nnunet_dataset(root / "MyDataset", n_cases=2)
+    (root / "scans").mkdir()
+    shutil.copy(
+        root / "MyDataset" / "imagesTr" / "case1_0000.nii.gz", root / "scans" / "case01.nii.gz"
+    )
+    return root
+
+
+def _readme_example() -> str:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("### Python API", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, "README's Python API section has no python block"
+    return match.group(1)
+
+
+# --------------------------------------------------------------------------------------------
+# public names
+# --------------------------------------------------------------------------------------------
+def test_public_names_resolve_and_import_stays_light():
+    code = (
+        "import sys, hsam; light = 'torch' not in sys.modules; "
+        "[getattr(hsam, n) for n in hsam.__all__]; print(light, hsam.Predictor.__module__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["True", "hsam.predictor"]
+    assert hsam.evaluate_cases is evaluate_cases
+    assert set(hsam.__all__) == {"__version__", *hsam._EXPORTS}
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        hsam.nothing  # noqa: B018
+
+
+def test_readme_python_example_runs_as_written(workspace, monkeypatch, capsys):
+    monkeypatch.chdir(workspace)
+    namespace: dict = {}
+    exec(compile(_readme_example(), "README.md", "exec"), namespace)  # noqa: S102
+    scan, labels, pred, cases = (namespace[k] for k in ("scan", "labels", "pred", "cases"))
+    assert labels.shape == scan.array.shape and labels.dtype == np.uint8
+    assert pred.probabilities.shape == (2, *scan.array.shape)
+    assert np.array_equal(pred.labels, labels)
+    assert np.array_equal(labels, pred.probabilities.argmax(0))
+    # case01 is case1: the Dice printed by the loop is the Dice of the predictor's labels.
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("case0 [") and printed[2].startswith("case1 [")
+    case1 = cases[1]
+    assert np.array_equal(labels, namespace["predictor"](case1.image, already=case1.intensity))
+    expected = hsam.dice(labels == 1, case1.label == 1, "legacy")
+    assert printed[2] == f"case1 {[expected]}"
+    assert float(printed[4]) == hsam.dice(
+        namespace["predictor"](cases[0].image) == 1, cases[0].label == 1, "legacy"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Predictor: the numbers of the functions it wraps
+# --------------------------------------------------------------------------------------------
+def test_predictor_applies_its_policy_and_settings(workspace):
+    predictor = Predictor.from_checkpoint(
+        workspace / "runs" / "mine" / "checkpoints" / "best.pt",
+        device="cpu",
+        stage=1,
+        batch_size=4,
+        postprocess="largest_component",
+    )
+    volume = np.random.default_rng(3).normal(50, 20, (5, 48, 40)).astype(np.float32)
+    raw, probs = predict_volume(
+        predictor.model,
+        to_model_range(volume, POLICY),
+        batch_size=4,
+        stage="1",
+        return_probabilities=True,
+    )
+    pred = predictor.predict(volume, return_probabilities=True)
+    assert np.array_equal(pred.labels, keep_largest_component(raw, 1))
+    assert np.array_equal(pred.probabilities, probs)  # probabilities are not post-processed
+    assert np.array_equal(pred.image, to_model_range(volume, POLICY))
+    assert np.array_equal(predictor(volume), pred.labels)
+
+
+def test_predictor_refuses_bad_settings(workspace):
+    model = _tiny_model(0).model
+    with pytest.raises(ConfigError, match="unknown intensity policy"):
+        Predictor(model=model, intensity_policy="zscore")
+    with pytest.raises(ConfigError, match="precision"):
+        Predictor(model=model, intensity_policy=None, precision="fp16")
+    with pytest.raises(ConfigError, match="post-processing"):
+        Predictor(model=model, intensity_policy=None, postprocess="smooth")
+    with pytest.raises(ConfigError, match="batch_size"):
+        Predictor(model=model, intensity_policy=None, batch_size=0)
+
+
+def test_shared_prefix_predictions_equal_each_predictor_alone():
+    a = Predictor(model=_tiny_model(1).model, intensity_policy=POLICY, batch_size=2)
+    b = Predictor(
+        model=_tiny_model(2, stages=1, backbone_seed=1).model,  # same backbone, other LoRA
+        intensity_policy=POLICY,
+        batch_size=2,
+        postprocess="largest_component",
+    )
+    other = Predictor(model=_tiny_model(3).model, intensity_policy=POLICY, batch_size=2)
+    assert shared_prefix_groups([a, b, other]) == [[0, 1], [2]]
+    volume = np.random.default_rng(0).normal(0, 1, (5, 50, 70)).astype(np.float32)
+    shared = predict_shared([a, b, other], volume)
+    for predictor, prediction in zip((a, b, other), shared, strict=True):
+        assert np.array_equal(prediction.labels, predictor(volume))
+    assert not np.array_equal(shared[0].labels, shared[2].labels)  # the models differ
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate_cases
+# --------------------------------------------------------------------------------------------
+def test_evaluate_cases_scores_what_evaluate_case_gives(workspace):
+    predictor = Predictor.from_checkpoint(
+        workspace / "runs" / "mine" / "checkpoints" / "best.pt", device="cpu"
+    )
+    cases = hsam.read_dataset("nnunet", workspace / "MyDataset", ["case0", "case1"])
+    saved = []
+
+    def save(case, index, prediction):
+        saved.append((case.case_id, index))
+        return np.zeros_like(prediction.labels) if case.case_id == "case1" else None
+
+    evaluations = list(
+        evaluate_cases(
+            [predictor, predictor],
+            cases,
+            nsd_tolerance_mm=1.5,
+            postprocess=["none", "largest_component"],
+            save=save,
+        )
+    )
+    assert saved == [("case0", 0), ("case0", 1), ("case1", 0), ("case1", 1)]
+    assert [e.case.case_id for e in evaluations] == ["case0", "case1"]
+    first = evaluations[0].scores
+    assert [(s.predictor, s.postprocess) for s in first] == [
+        (0, "none"),
+        (0, "largest_component"),
+        (1, "none"),
+        (1, "largest_component"),
+    ]
+    labels = predictor(cases[0].image, already=cases[0].intensity)
+    for score, method_labels in zip(
+        first[:2], (labels, keep_largest_component(labels, 1)), strict=True
+    ):
+        result = evaluate_case(method_labels, cases[0].label, 1, cases[0].spacing, 1.5)
+        assert score.result == result
+        assert score.rows == case_rows("case0", result, {1: "blob"})
+        assert score.dice == [result["classes"][0]["legacy"]["dice"]]
+    # What `save` returned is what was scored: an empty prediction of a non-empty label.
+    assert evaluations[1].scores[0].dice == [0.0] and not evaluations[1].scores[0].labels.any()
+
+    (dice_only,) = evaluate_cases(predictor, cases[:1], metrics="dice")
+    assert dice_only.scores[0].dice == first[0].dice and dice_only.scores[0].rows == []
+
+
+def test_evaluate_cases_needs_labelled_cases_that_fit(workspace):
+    predictor = Predictor.from_checkpoint(
+        workspace / "runs" / "mine" / "checkpoints" / "best.pt", device="cpu"
+    )
+    (case,) = hsam.read_dataset("nnunet", workspace / "MyDataset", ["case0"])
+    with pytest.raises(DataError, match="case0 .* has no label map"):
+        next(evaluate_cases(predictor, [dataclasses.replace(case, label=None)]))
+    with pytest.raises(DataError, match=r"gt_labels has labels in \[0, 3\]"):
+        next(evaluate_cases(predictor, [dataclasses.replace(case, label=case.label * 3)]))
+    with pytest.raises(ConfigError, match="one predictor"):
+        next(evaluate_cases([predictor, predictor], [case], prefix_cache=object()))  # type: ignore[arg-type]
