@@ -1,0 +1,80 @@
+"""3-D Dice of ACDC checkpoints on validation frames carved from the training split.
+
+The frames come from the patients of `train_slices.list` outside its first N lines (the
+labelled few-shot subset), every `--every`-th of them, stacked from their slice files: never
+the test list. This is how the README's ACDC recipe choices were measured, e.g.
+
+    python benchmarks/acdc_validation.py runs/a/checkpoints/final.pt runs/b/checkpoints/final.pt
+
+prints, per checkpoint, the mean Dice of RV/Myo/LV for stage 1, stage 2 and the fused output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from hsam.data import Case
+from hsam.data.formats.acdc import read_acdc_slice
+from hsam.data.formats.common import parse_slice_id, read_list
+from hsam.errors import ConfigError
+from hsam.predictor import Predictor
+from hsam.scoring import evaluate_cases
+
+logger = logging.getLogger("acdc_validation")
+
+
+def validation_frames(root: Path, labelled_lines: int, every: int) -> list[Case]:
+    """Frames of every `every`-th training-split patient outside the first `labelled_lines`."""
+    lines = read_list(root / "train_slices.list")
+    labelled = {parse_slice_id(s)[0].split("_")[0] for s in lines[:labelled_lines]}
+    frames: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for s in lines[labelled_lines:]:
+        frame, index = parse_slice_id(s)
+        if frame.split("_")[0] not in labelled:
+            frames[frame].append((index, s))
+    patients = sorted({f.split("_")[0] for f in frames})[::every]
+    cases = []
+    for frame in sorted(f for f in frames if f.split("_")[0] in patients):
+        pairs = [
+            read_acdc_slice(root / "data" / "slices" / f"{s}.h5") for _, s in sorted(frames[frame])
+        ]
+        image = np.stack([p[0] for p in pairs]).astype(np.float32)
+        label = np.stack([p[1] for p in pairs])
+        cases.append(Case(frame, image, label, intensity="minmax"))
+    return cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoints", nargs="+")
+    parser.add_argument("--root", default="../shared/data/acdc")
+    parser.add_argument("--labelled-lines", type=int, default=136, help="ACDC 10%%: 136")
+    parser.add_argument("--every", type=int, default=6, help="every N-th unlabelled patient")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cases = validation_frames(Path(args.root), args.labelled_lines, args.every)
+    logger.info("%d validation frames", len(cases))
+    for checkpoint in args.checkpoints:
+        row = {}
+        for stage in ("1", "2", "fused"):
+            try:
+                predictor = Predictor.from_checkpoint(
+                    checkpoint, device="cpu", stage=stage, precision="bf16"
+                )
+            except ConfigError:  # a one-stage model has no stage 2
+                continue
+            dices = [
+                s.dice for e in evaluate_cases(predictor, cases, metrics="dice") for s in e.scores
+            ]
+            row[stage] = round(100 * float(np.mean(dices)), 2)
+        logger.info("%s %s", checkpoint, row)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
