@@ -22,8 +22,8 @@ from hsam.data import Case
 from hsam.data.formats.acdc import read_acdc_slice
 from hsam.data.formats.common import parse_slice_id, read_list
 from hsam.errors import ConfigError
-from hsam.predictor import Predictor
-from hsam.scoring import evaluate_cases
+from hsam.evaluation.scoring import evaluate_cases
+from hsam.inference.predictor import Predictor
 
 logger = logging.getLogger("acdc_validation")
 

@@ -2,11 +2,12 @@
 
 Measures, after warm-up and as the median of several runs:
 
-- training step time (forward + `hsam.losses.hsam_loss` + backward + AdamW step) and slices/s;
+- training step time (forward + `hsam.engine.losses.hsam_loss` + backward + AdamW step) and
+  slices/s;
 - peak memory of the process that ran it (CPU: `ru_maxrss`, one subprocess per measurement so
   peaks do not mix; GPU: `torch.cuda.max_memory_allocated`);
-- inference throughput (slices/s) over a whole volume with `hsam.inference.predict_volume`,
-  one slice at a time and in batches;
+- inference throughput (slices/s) over a whole volume with
+  `hsam.inference.slicewise.predict_volume`, one slice at a time and in batches;
 - the machine's measured GEMM rate (square matmuls, fp32 and bf16) and the fraction of it each
   configuration achieves (model FLOPs counted with `torch.utils.flop_counter`).
 
@@ -39,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hsam.atomic import atomic_write_text
+from hsam.io.atomic import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 # Rows measured while other processes kept more than this many cores busy, or whose repeats
@@ -183,8 +184,8 @@ def run_job(job: Job, device_name: str) -> Result:
     from hsam.build import build_hsam
     from hsam.config import ModelConfig
     from hsam.devices import configure_cpu_allocator
-    from hsam.inference import predict_volume
-    from hsam.losses import hsam_loss
+    from hsam.engine.losses import hsam_loss
+    from hsam.inference.slicewise import predict_volume
     from hsam.modeling.fast_attention import set_attention_impl
 
     device = torch.device(device_name)
@@ -374,8 +375,8 @@ LITE_LORA_LAST_N = 2
 def cache_schedules() -> dict[str, tuple[int, int]]:
     """(augmented views, epochs) of the schedules the cached-prefix cost is amortised over:
     the demo's and the CPU recipes' (read from them, so the table follows their changes)."""
+    from hsam.apps.demo import DemoSchedule
     from hsam.config import load_run_config
-    from hsam.demo import DemoSchedule
 
     demo = DemoSchedule()
     recipe = load_run_config(REPO / "configs" / "la_4scans_litemedsam_cpu.yaml").train

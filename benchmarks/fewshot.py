@@ -40,7 +40,6 @@ from typing import Any
 
 import torch
 
-from hsam.atomic import atomic_write_text
 from hsam.config import RunConfig, config_differences, load_run_config, load_yaml
 from hsam.data import read_dataset
 from hsam.devices import configure_cpu_allocator
@@ -48,11 +47,12 @@ from hsam.engine.data import read_id_list
 from hsam.engine.prefix_cache import build_shared_prefix_cache
 from hsam.engine.trainer import run_training
 from hsam.errors import ConfigError, HSAMError
-from hsam.hashing import file_sha256
-from hsam.postprocess import POSTPROCESS_CHOICES
-from hsam.predictor import Predictor
-from hsam.reports import summarize
-from hsam.scoring import evaluate_cases
+from hsam.evaluation.reports import summarize
+from hsam.evaluation.scoring import evaluate_cases
+from hsam.inference.postprocess import POSTPROCESS_CHOICES
+from hsam.inference.predictor import Predictor
+from hsam.io.atomic import atomic_write_text
+from hsam.io.hashing import file_sha256
 
 logger = logging.getLogger("fewshot")
 REPO = Path(__file__).resolve().parents[1]
@@ -205,7 +205,7 @@ def evaluate_runs(
     protocol: RunConfig, records: list[dict[str, Any]], test_ids: list[str]
 ) -> tuple[dict[tuple[int, str], dict[str, Any]], int]:
     """3-D evaluation of every run's checkpoint on the test cases (prefix shared per slice),
-    of the raw predictions and of each post-processing of them (`hsam.postprocess`).
+    of the raw predictions and of each post-processing of them (`hsam.inference.postprocess`).
 
     A run evaluated before with the same checkpoint bytes, data and test list keeps its stored
     summaries (beside its run record); returns {(seed, name): {postprocess: summary}} and how

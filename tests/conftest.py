@@ -26,8 +26,8 @@ from segment_anything.modeling import (
 from torch.nn import functional as F
 
 from hsam.build import BuiltModel, build_hsam
-from hsam.checkpoint import save_checkpoint
 from hsam.config import DataConfig, ModelConfig, TrainConfig, to_dict
+from hsam.io.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

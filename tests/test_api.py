@@ -16,16 +16,16 @@ import torch
 
 import hsam
 from conftest import write_nnunet_dataset
-from hsam.checkpoint import save_checkpoint
 from hsam.config import DataConfig, ModelConfig, TrainConfig, to_dict
 from hsam.errors import ConfigError, DataError
-from hsam.inference import predict_volume
+from hsam.evaluation.metrics import evaluate_case
+from hsam.evaluation.reports import case_rows
+from hsam.evaluation.scoring import evaluate_cases
+from hsam.inference.postprocess import keep_largest_component
+from hsam.inference.predictor import Predictor, predict_shared, shared_prefix_groups
+from hsam.inference.slicewise import predict_volume
 from hsam.intensity import to_model_range
-from hsam.metrics import evaluate_case
-from hsam.postprocess import keep_largest_component
-from hsam.predictor import Predictor, predict_shared, shared_prefix_groups
-from hsam.reports import case_rows
-from hsam.scoring import evaluate_cases
+from hsam.io.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 POLICY = "percentile[0.5,99.5]"
@@ -99,7 +99,7 @@ def test_public_names_resolve_and_import_stays_light():
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()
-    assert out == ["True", "hsam.predictor"]
+    assert out == ["True", "hsam.inference.predictor"]
     assert hsam.evaluate_cases is evaluate_cases
     assert set(hsam.__all__) == {"__version__", *hsam._EXPORTS}
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):

@@ -355,7 +355,7 @@ def test_la_synthetic_transpose_and_corrupt_file(tmp_path: Path) -> None:
 
 
 def test_nnunet_refuses_truncated_and_nan_nifti(tmp_path: Path) -> None:
-    """train/evaluate/prepare read through hsam.imageio's checks: ITK alone zero-fills a cut
+    """train/evaluate/prepare read through hsam.io.images's checks: ITK alone zero-fills a cut
     .nii and turns NaN into 0 in NIfTI files."""
     root = tmp_path / "Dataset003_Damaged"
     _nnunet(root, ".nii", "MRI", {"background": 0, "a": 1})

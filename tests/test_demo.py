@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from hsam.apps.demo import DemoSchedule, run_demo, sample_root
 from hsam.data import read_dataset, read_list
-from hsam.demo import DemoSchedule, run_demo, sample_root
 from hsam.errors import OutputExistsError
-from hsam.imageio import read_volume
-from hsam.metrics import dice
+from hsam.evaluation.metrics import dice
+from hsam.io.images import read_volume
 
 
 def test_sample_is_small_and_complete():

@@ -1,4 +1,4 @@
-"""Tests for hsam.evaluation (`hsam evaluate`): reports on real LA and ACDC volumes with tiny
+"""Tests for hsam.apps.evaluate (`hsam evaluate`): reports on real LA and ACDC volumes with tiny
 checkpoints, data/split resolution, class-count mismatches, safe outputs.
 
 Checkpoints come from ``test_prediction`` (a tiny H-SAM trained on synthetic bright shapes,
@@ -18,18 +18,18 @@ import torch
 import yaml
 
 from conftest import MR_POLICY, make_checkpoint, shared_data_dir
-from hsam.config import DataConfig
-from hsam.data import read_dataset, read_list
-from hsam.errors import CheckpointError, ConfigError, DataError, OutputExistsError
-from hsam.evaluation import (
+from hsam.apps.evaluate import (
     INFO_FILE,
     REPORT_FILES,
     detect_format,
     evaluate_checkpoint,
     resolve_split,
 )
-from hsam.postprocess import keep_largest_component
-from hsam.reports import read_per_case_csv, summarize
+from hsam.config import DataConfig
+from hsam.data import read_dataset, read_list
+from hsam.errors import CheckpointError, ConfigError, DataError, OutputExistsError
+from hsam.evaluation.reports import read_per_case_csv, summarize
+from hsam.inference.postprocess import keep_largest_component
 
 
 @pytest.fixture(autouse=True, scope="module")

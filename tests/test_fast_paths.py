@@ -20,7 +20,7 @@ from segment_anything.modeling.image_encoder import Attention as SamViTAttention
 
 from hsam.build import build_hsam
 from hsam.config import ModelConfig
-from hsam.losses import hsam_loss
+from hsam.engine.losses import hsam_loss
 from hsam.modeling.backbones import CheckpointedUnit
 from hsam.modeling.fast_attention import (
     FusedRelPosAttention,

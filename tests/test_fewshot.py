@@ -14,12 +14,12 @@ import pytest
 import yaml
 
 from conftest import REPO, ellipsoid_label, write_nnunet_dataset
-from hsam.checkpoint import load_checkpoint
 from hsam.data import read_dataset
 from hsam.engine.data import prepare_case
-from hsam.inference import predict_volume
-from hsam.metrics import dice
-from hsam.postprocess import keep_largest_component
+from hsam.evaluation.metrics import dice
+from hsam.inference.postprocess import keep_largest_component
+from hsam.inference.slicewise import predict_volume
+from hsam.io.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")

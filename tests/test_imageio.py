@@ -1,4 +1,4 @@
-"""Tests for hsam.imageio: exact geometry round trips, no flips, atomic writes, clear errors."""
+"""Tests for hsam.io.images: exact geometry round trips, no flips, atomic writes, clear errors."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk  # noqa: N813
 
-import hsam.imageio
+import hsam.io.images
 from conftest import OBLIQUE, rotation, shared_data_dir, write_dicom_series
 from hsam.errors import DataError, OutputExistsError
-from hsam.imageio import (
+from hsam.io.images import (
     Geometry,
     list_inputs,
     read_volume,
@@ -485,12 +485,12 @@ def test_dicom_series_with_a_truncated_slice_is_refused(tmp_path):
 
 
 def test_the_package_re_exports_every_public_name_of_the_former_module():
-    """hsam.imageio is split by responsibility; callers keep importing from hsam.imageio."""
+    """hsam.io.images is split by responsibility; callers keep importing from hsam.io.images."""
     former = {
         "DICOM_OUTPUT_EXTENSION", "DICOM_STEP_TOLERANCE", "SUPPORTED_EXTENSIONS", "Geometry",
         "ImageFile", "Volume", "atomic_output", "check_finite", "list_inputs", "read_image",
         "read_volume", "refuse_existing", "refuse_unsupported_nifti", "safe_output_path",
         "volume_extension", "write_label_volume", "write_probability_volume",
     }  # fmt: skip
-    assert set(hsam.imageio.__all__) == former
-    assert all(getattr(hsam.imageio, name) is not None for name in former)
+    assert set(hsam.io.images.__all__) == former
+    assert all(getattr(hsam.io.images, name) is not None for name in former)

@@ -1,4 +1,5 @@
-"""Tests for hsam.metrics: legacy == medpy/TransUNet, strict in mm with NaN, NSD, aggregation."""
+"""Tests for hsam.evaluation.metrics: legacy == medpy/TransUNet, strict in mm with NaN, NSD,
+aggregation."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.spatial.distance import cdist
 
 from hsam.errors import DataError
-from hsam.metrics import (
+from hsam.evaluation.metrics import (
     bootstrap_ci,
     dice,
     evaluate_case,

@@ -254,7 +254,7 @@ def test_frozen_encoder_statistics_never_change():
 def test_test_input_size_resamples_slices_at_inference(tiny_cfg):
     import numpy as np
 
-    from hsam.inference import _slice_batches, predict_volume
+    from hsam.inference.slicewise import _slice_batches, predict_volume
 
     volume = np.random.default_rng(0).random((2, 64, 64), dtype=np.float32)
     ((_, direct),) = list(_slice_batches(volume, 64, 4, torch.device("cpu")))

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hsam.postprocess import keep_largest_component, postprocess_labels
+from hsam.inference.postprocess import keep_largest_component, postprocess_labels
 
 
 def test_largest_component_keeps_one_structure_per_class():

@@ -1,4 +1,4 @@
-"""Tests for hsam.prediction (`hsam predict`): exact output geometry, no flips or transposes,
+"""Tests for hsam.apps.predict (`hsam predict`): exact output geometry, no flips or transposes,
 safe outputs, clear errors.
 
 A tiny H-SAM (``backbone="tiny"``, S = 64, K = 1) is trained for a few hundred AdamW steps on
@@ -33,14 +33,14 @@ from conftest import (
     write_dicom_series,
     write_nifti,
 )
+from hsam.apps.predict import plan_outputs, predict_files
 from hsam.build import build_hsam
-from hsam.checkpoint import save_checkpoint
 from hsam.config import ModelConfig
 from hsam.devices import resolve_device
 from hsam.errors import CheckpointError, ConfigError, DataError, OutputExistsError
-from hsam.imageio import read_volume
-from hsam.prediction import plan_outputs, predict_files
-from hsam.predictor import Predictor, checkpoint_label_names
+from hsam.inference.predictor import Predictor, checkpoint_label_names
+from hsam.io.checkpoint import save_checkpoint
+from hsam.io.images import read_volume
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -481,7 +481,7 @@ def test_output_under_a_file_is_refused_before_any_work(tmp_path):
 
 @pytest.mark.parametrize("missing", ["state_dict", "meta", "config", "backbone"])
 def test_incomplete_checkpoint_is_a_clear_error(tmp_path, missing):
-    from hsam.cli import main
+    from hsam.apps.cli import main
 
     path = make_checkpoint(tmp_path / "k.pt", trained=False)
     payload = torch.load(path, weights_only=True)
@@ -493,7 +493,7 @@ def test_incomplete_checkpoint_is_a_clear_error(tmp_path, missing):
 
 
 def test_resume_state_given_as_checkpoint_says_what_to_use(tmp_path):
-    from hsam.checkpoint import RESUME_FORMAT
+    from hsam.io.checkpoint import RESUME_FORMAT
 
     last = tmp_path / "checkpoints" / "last.pt"
     last.parent.mkdir()
@@ -532,12 +532,12 @@ def test_staging_left_by_a_killed_run_is_removed_and_nothing_else(tmp_path):
     import subprocess
     import sys
 
-    from hsam.atomic import make_staging_dir
+    from hsam.io.atomic import make_staging_dir
 
     out = tmp_path / "out"
     out.mkdir()
     code = (
-        "import sys; from hsam.atomic import make_staging_dir; "
+        "import sys; from hsam.io.atomic import make_staging_dir; "
         "p = make_staging_dir(sys.argv[1], 'predict'); (p / 'a_seg.nii.gz').write_text('cut'); "
         "print(p)"
     )

@@ -15,15 +15,15 @@ import pytest
 import torch
 
 from conftest import REPO, shared_data_dir
+from hsam.apps.evaluate import evaluate_checkpoint
 from hsam.build import build_hsam
 from hsam.config import ModelConfig, load_run_config
 from hsam.data import SliceDataset, read_dataset, read_list
 from hsam.data.slices import resize_label
 from hsam.engine.prefix_cache import PrefixCache
 from hsam.engine.trainer import run_training
-from hsam.evaluation import evaluate_checkpoint
-from hsam.inference import labels_from_probabilities
-from hsam.metrics import dice
+from hsam.evaluation.metrics import dice
+from hsam.inference.slicewise import labels_from_probabilities
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,5 @@
-"""Tests for hsam.reports (CSV, summary JSON, Markdown) and hsam.overlay (PNG montage)."""
+"""Tests for hsam.evaluation.reports (CSV, summary JSON, Markdown) and hsam.apps.overlay (PNG
+montage)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hsam import reports
+from hsam.apps.overlay import label_color, render_overlay, select_slices
 from hsam.errors import DataError, OutputExistsError
-from hsam.metrics import evaluate_case
-from hsam.overlay import label_color, render_overlay, select_slices
-from hsam.reports import (
+from hsam.evaluation import reports
+from hsam.evaluation.metrics import evaluate_case
+from hsam.evaluation.reports import (
     CSV_COLUMNS,
     case_rows,
     markdown_table,

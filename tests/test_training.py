@@ -16,11 +16,11 @@ import torch
 import yaml
 
 from conftest import tiny_run_config
-from hsam.cli import main
+from hsam.apps.cli import main
 from hsam.config import load_run_config
+from hsam.engine.losses import learning_rate, schedule_epoch, soft_dice_loss, stage1_weight
 from hsam.engine.trainer import run_training
 from hsam.errors import ConfigError, DataError, OutputExistsError
-from hsam.losses import learning_rate, schedule_epoch, soft_dice_loss, stage1_weight
 
 
 def test_stage_weight_schedule_pinned():
@@ -339,7 +339,7 @@ def test_shared_prefix_inference_equals_per_model(tiny_cfg):
     import dataclasses
 
     from hsam.build import build_hsam
-    from hsam.inference import predict_volume, predict_volume_shared_prefix
+    from hsam.inference.slicewise import predict_volume, predict_volume_shared_prefix
 
     cfg = dataclasses.replace(tiny_cfg, lora_last_n=1)
     a = build_hsam(cfg, seed=1).model
@@ -358,7 +358,7 @@ def test_prediction_from_cached_volume_prefix_equals_predict_volume(tiny_cfg):
     import dataclasses
 
     from hsam.build import build_hsam
-    from hsam.inference import encode_volume_prefix, predict_from_prefix, predict_volume
+    from hsam.inference.slicewise import encode_volume_prefix, predict_from_prefix, predict_volume
 
     model = build_hsam(dataclasses.replace(tiny_cfg, lora_last_n=1), seed=3).model.eval()
     volume = np.random.default_rng(1).random((5, 40, 56), dtype=np.float32)
@@ -642,8 +642,8 @@ def test_unwritable_output_is_refused_before_any_work(tmp_path, caplog):
 
 
 def test_read_only_output_folder_is_refused(tmp_path):
-    from hsam.atomic import check_writable_folder
     from hsam.errors import OutputError
+    from hsam.io.atomic import check_writable_folder
 
     locked = tmp_path / "locked"
     locked.mkdir()

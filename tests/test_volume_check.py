@@ -1,5 +1,6 @@
 """Predicted-size check: training ranges of class volume fractions (hsam.data.slices), the
-warning rule (hsam.volume_check), and its reports/logs in `hsam evaluate` and `hsam predict`.
+warning rule (hsam.inference.volume_check), and its reports/logs in `hsam evaluate` and
+`hsam predict`.
 
 End-to-end tests use the tiny bright-voxel checkpoint of ``test_prediction`` (K = 1, CT window):
 on a volume with a bright box it predicts about the box (~6.7 % of the voxels), on a volume
@@ -19,6 +20,8 @@ import pytest
 import torch
 
 from conftest import BOX, BOX_SHAPE, CT_POLICY, make_checkpoint, tiny_run_config, write_nifti
+from hsam.apps.evaluate import INFO_FILE, evaluate_checkpoint
+from hsam.apps.predict import predict_files
 from hsam.data import (
     Case,
     SliceDataset,
@@ -26,9 +29,7 @@ from hsam.data import (
     class_volume_fractions,
 )
 from hsam.errors import ConfigError, DataError
-from hsam.evaluation import INFO_FILE, evaluate_checkpoint
-from hsam.prediction import predict_files
-from hsam.reports import (
+from hsam.evaluation.reports import (
     CSV_COLUMNS,
     case_rows,
     markdown_table,
@@ -36,7 +37,7 @@ from hsam.reports import (
     summarize,
     write_per_case_csv,
 )
-from hsam.volume_check import (
+from hsam.inference.volume_check import (
     DEFAULT_FACTOR,
     META_KEY,
     check_factor,
@@ -213,7 +214,7 @@ def test_missing_ranges_or_factor_skip_the_check():
 
 
 def test_malformed_meta_is_skipped_with_a_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="hsam.volume_check"):
+    with caplog.at_level(logging.WARNING, logger="hsam.inference.volume_check"):
         assert ranges_from_meta({META_KEY: [0.1, 0.2]}, 1) is None
         assert ranges_from_meta({META_KEY: {"1": "x", "2": [0.5, 0.1]}}, 2) is None
         assert ranges_from_meta({META_KEY: {"1": [0.1, 0.2], "7": [0, 1]}}, 2) == {1: (0.1, 0.2)}

@@ -9,13 +9,13 @@ import pytest
 import torch
 from segment_anything.modeling import TwoWayTransformer as SamTwoWayTransformer
 
+from hsam.apps.cli import main
 from hsam.build import build_hsam
-from hsam.checkpoint import load_checkpoint, save_checkpoint
-from hsam.cli import main
 from hsam.config import to_dict
 from hsam.errors import CheckpointError
+from hsam.io.checkpoint import load_checkpoint, save_checkpoint
+from hsam.io.weights import LITEMEDSAM_SHA256, read_state_dict
 from hsam.modeling.transformer import TwoWayTransformer
-from hsam.weights import LITEMEDSAM_SHA256, read_state_dict
 
 
 def test_two_way_transformer_equals_sam_with_same_weights():
@@ -31,7 +31,7 @@ def test_two_way_transformer_equals_sam_with_same_weights():
 
 def test_tiny_official_layout_loads_with_resizing(tiny_cfg, tiny_sam_checkpoint, monkeypatch):
     import hsam.build as build_module
-    from hsam.weights import WeightsIdentity
+    from hsam.io.weights import WeightsIdentity
 
     # The tiny preset normally has no weights; route it through the SAM loader for this test.
     monkeypatch.setattr(
@@ -41,7 +41,7 @@ def test_tiny_official_layout_loads_with_resizing(tiny_cfg, tiny_sam_checkpoint,
     )
     cfg = dataclasses.replace(tiny_cfg, backbone_weights=str(tiny_sam_checkpoint))
     model = build_module.build_hsam_network(cfg)
-    from hsam.weights import load_pretrained
+    from hsam.io.weights import load_pretrained
 
     state = read_state_dict(tiny_sam_checkpoint)
     report = load_pretrained(model, state, source="tiny")
@@ -90,7 +90,7 @@ def test_bad_backbone_weights_name_the_keys(
     tiny_cfg, tiny_sam_checkpoint, tmp_path, tamper, message
 ):
     from hsam.build import build_hsam_network
-    from hsam.weights import load_pretrained
+    from hsam.io.weights import load_pretrained
 
     state = _tamper(tiny_sam_checkpoint, tmp_path, tamper)
     with pytest.raises(CheckpointError, match=message.replace(".", r"\.")):
@@ -180,7 +180,7 @@ def test_info_on_checkpoint(tiny_cfg, tmp_path, capsys):
 @pytest.mark.slow
 def test_litemedsam_bundled_weights_load_with_every_key_matched():
     from hsam.config import ModelConfig
-    from hsam.weights import UNUSED_CHECKPOINT_KEYS, litemedsam_weights_path
+    from hsam.io.weights import UNUSED_CHECKPOINT_KEYS, litemedsam_weights_path
 
     built = build_hsam(ModelConfig(backbone="litemedsam", image_size=256, num_classes=3))
     assert built.weights.sha256 == LITEMEDSAM_SHA256

@@ -24,18 +24,18 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ModelConfig": "hsam.config",
     "build_hsam": "hsam.build",
-    "load_checkpoint": "hsam.checkpoint",
-    "Predictor": "hsam.predictor",
-    "Prediction": "hsam.predictor",
-    "predict_files": "hsam.prediction",
-    "read_volume": "hsam.imageio",
+    "load_checkpoint": "hsam.io.checkpoint",
+    "Predictor": "hsam.inference.predictor",
+    "Prediction": "hsam.inference.predictor",
+    "predict_files": "hsam.apps.predict",
+    "read_volume": "hsam.io.images",
     "read_dataset": "hsam.data",
-    "evaluate_cases": "hsam.scoring",
-    "evaluate_checkpoint": "hsam.evaluation",
-    "evaluate_case": "hsam.metrics",
-    "dice": "hsam.metrics",
-    "hd95": "hsam.metrics",
-    "nsd": "hsam.metrics",
+    "evaluate_cases": "hsam.evaluation.scoring",
+    "evaluate_checkpoint": "hsam.apps.evaluate",
+    "evaluate_case": "hsam.evaluation.metrics",
+    "dice": "hsam.evaluation.metrics",
+    "hd95": "hsam.evaluation.metrics",
+    "nsd": "hsam.evaluation.metrics",
 }
 
 __all__ = [
@@ -57,16 +57,16 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports lazily
+    from hsam.apps.evaluate import evaluate_checkpoint
+    from hsam.apps.predict import predict_files
     from hsam.build import build_hsam
-    from hsam.checkpoint import load_checkpoint
     from hsam.config import ModelConfig
     from hsam.data import read_dataset
-    from hsam.evaluation import evaluate_checkpoint
-    from hsam.imageio import read_volume
-    from hsam.metrics import dice, evaluate_case, hd95, nsd
-    from hsam.prediction import predict_files
-    from hsam.predictor import Prediction, Predictor
-    from hsam.scoring import evaluate_cases
+    from hsam.evaluation.metrics import dice, evaluate_case, hd95, nsd
+    from hsam.evaluation.scoring import evaluate_cases
+    from hsam.inference.predictor import Prediction, Predictor
+    from hsam.io.checkpoint import load_checkpoint
+    from hsam.io.images import read_volume
 
 
 def __getattr__(name: str) -> Any:

@@ -1,3 +1,3 @@
-from hsam.cli import main
+from hsam.apps.cli import main
 
 raise SystemExit(main())

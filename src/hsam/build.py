@@ -11,6 +11,13 @@ from torch import nn
 
 from hsam.config import ModelConfig
 from hsam.errors import ConfigError
+from hsam.io.weights import (
+    LoadReport,
+    WeightsIdentity,
+    load_pretrained,
+    read_state_dict,
+    resolve_backbone_weights,
+)
 from hsam.modeling.backbones import VIT_SPECS, build_backbone
 from hsam.modeling.cmattn import ClassBalancedMaskAttention
 from hsam.modeling.decoders import HierarchicalPixelDecoder, Stage1Decoder, Stage2Decoder
@@ -18,13 +25,6 @@ from hsam.modeling.hsam import HSAM
 from hsam.modeling.lora import inject_lora
 from hsam.modeling.prompt import PromptFreeEncoder
 from hsam.modeling.transformer import TwoWayTransformer
-from hsam.weights import (
-    LoadReport,
-    WeightsIdentity,
-    load_pretrained,
-    read_state_dict,
-    resolve_backbone_weights,
-)
 
 logger = logging.getLogger(__name__)
 

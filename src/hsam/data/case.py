@@ -44,7 +44,7 @@ class Case:
         origin: physical origin in SimpleITK ``(x, y, z)`` order, where the source has one.
         direction: SimpleITK direction cosines (9 floats, row-major), where the source has one.
         nifti_header: the raw NIfTI-1 header of a NIfTI source, so that label maps written on
-            this grid keep its qform/sform (see :mod:`hsam.imageio`); None otherwise.
+            this grid keep its qform/sform (see :mod:`hsam.io.images`); None otherwise.
     """
 
     case_id: str

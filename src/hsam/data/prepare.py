@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 
 import hsam
-from hsam.atomic import atomic_write_bytes, atomic_write_text
 from hsam.data.case import Case
 from hsam.data.formats import FORMATS, list_cases, read_dataset, read_list
 from hsam.data.prepare_splits import (
@@ -57,6 +56,7 @@ from hsam.data.prepare_synapse import (
 )
 from hsam.data.slices import slice_id
 from hsam.errors import DataError, OutputExistsError
+from hsam.io.atomic import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from hsam.atomic import atomic_output, atomic_write_bytes, atomic_write_text
 from hsam.data.formats.common import slice_id, to_label
 from hsam.data.formats.sitk import check_label_grid, read_sitk, sitk_geometry
 from hsam.data.formats.synapse import SYNAPSE_LABELS_SAMED, SYNAPSE_LABELS_TRANSUNET
@@ -32,6 +31,7 @@ from hsam.data.prepare_splits import (
 from hsam.data.splits import write_list
 from hsam.errors import DataError
 from hsam.intensity import DEFAULT_CT_POLICY, ct_window
+from hsam.io.atomic import atomic_output, atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """2-D training slices as a torch ``Dataset``, slice resizing, class frequencies, and the
 per-case range of each class's volume fraction (for the prediction-size check of
-:mod:`hsam.volume_check`).
+:mod:`hsam.inference.volume_check`).
 
 Each item is ``{"image": float32 (1, S, S), "label": int64 (S, S), "case_id": str,
 "slice_index": int}``: the native slice, optionally augmented (before resizing), then resized to
@@ -413,7 +413,7 @@ def class_volume_fraction_ranges(
 
     A minimum of 0 means the class is absent from some training case. Stored in the checkpoint
     meta as ``class_volume_fraction_range`` (``{str(c): [lo, hi]}``) and checked against each
-    prediction by :func:`hsam.volume_check.volume_warnings`.
+    prediction by :func:`hsam.inference.volume_check.volume_warnings`.
 
     Raises:
         DataError: no training case, or as :func:`class_volume_fractions`.

@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from hsam.atomic import atomic_write_text
 from hsam.errors import DataError
-from hsam.hashing import file_sha256
+from hsam.io.atomic import atomic_write_text
+from hsam.io.hashing import file_sha256
 
 logger = logging.getLogger(__name__)
 

@@ -1,1 +1,2 @@
-"""Training engine: data assembly for a run, the trainer, distributed helpers."""
+"""Training engine: losses and schedules, data assembly for a run, the trainer, distributed
+helpers. Import the modules themselves; this package imports nothing."""

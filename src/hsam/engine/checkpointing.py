@@ -16,17 +16,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from hsam.atomic import atomic_output, atomic_write_text, stale_temp_files
-from hsam.checkpoint import (
+from hsam.config import RunConfig, config_differences, dump_yaml, from_dict, load_yaml, to_dict
+from hsam.data.splits import manifest_sha256, write_manifest
+from hsam.engine.run_parts import RunParts
+from hsam.errors import CheckpointError, ConfigError, OutputExistsError
+from hsam.io.atomic import atomic_output, atomic_write_text, stale_temp_files
+from hsam.io.checkpoint import (
     RESUME_FORMAT,
     atomic_torch_save,
     load_trainable_state,
     save_checkpoint,
 )
-from hsam.config import RunConfig, config_differences, dump_yaml, from_dict, load_yaml, to_dict
-from hsam.data.splits import manifest_sha256, write_manifest
-from hsam.engine.run_parts import RunParts
-from hsam.errors import CheckpointError, ConfigError, OutputExistsError
 
 logger = logging.getLogger(__name__)
 

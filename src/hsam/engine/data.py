@@ -42,7 +42,8 @@ class RunData:
     intensity_policy: str
     label_names: dict[int, str]
     class_frequencies: np.ndarray  # (T,)
-    # {c: (min, max)} over the training cases of class c's volume fraction (hsam.volume_check)
+    # {c: (min, max)} over the training cases of class c's volume fraction
+    # (hsam.inference.volume_check)
     class_volume_fraction_range: dict[int, tuple[float, float]] = field(default_factory=dict)
 
 

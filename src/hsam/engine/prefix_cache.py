@@ -21,7 +21,7 @@ from hsam.build import build_hsam
 from hsam.config import RunConfig, TrainConfig
 from hsam.data import SliceDataset
 from hsam.engine.data import RunData, build_run_data
-from hsam.inference import encode_volume_prefix
+from hsam.inference.slicewise import encode_volume_prefix
 from hsam.modeling.hsam import HSAM
 
 logger = logging.getLogger(__name__)

@@ -23,9 +23,9 @@ from hsam.data import SliceDataset
 from hsam.devices import check_compile_supported
 from hsam.engine.data import RunData, build_run_data
 from hsam.engine.distributed import ProcessInfo
+from hsam.engine.losses import learning_rate, schedule_epoch, stage1_weight
 from hsam.engine.prefix_cache import PrefixCache
 from hsam.errors import ConfigError
-from hsam.losses import learning_rate, schedule_epoch, stage1_weight
 from hsam.modeling.cmattn import class_noise_std_from_frequencies
 from hsam.modeling.hsam import HSAM
 

@@ -39,8 +39,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hsam.atomic import check_writable_folder
-from hsam.checkpoint import RESUME_FORMAT
 from hsam.config import RunConfig, from_dict, load_yaml
 from hsam.data import Case
 from hsam.engine.checkpointing import (
@@ -53,13 +51,15 @@ from hsam.engine.checkpointing import (
     write_run_files,
 )
 from hsam.engine.distributed import ProcessInfo, barrier, init_process, shutdown
+from hsam.engine.losses import hsam_loss
 from hsam.engine.prefix_cache import PrefixCache
 from hsam.engine.run_parts import RunParts, build_run_parts
 from hsam.errors import CheckpointError, TrainingError
-from hsam.losses import hsam_loss
+from hsam.evaluation.scoring import evaluate_cases
+from hsam.inference.predictor import Predictor
+from hsam.io.atomic import check_writable_folder
+from hsam.io.checkpoint import RESUME_FORMAT
 from hsam.modeling.hsam import HSAM
-from hsam.predictor import Predictor
-from hsam.scoring import evaluate_cases
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def validation_dice(
     cache: PrefixCache | None = None,
 ) -> float:
     """Mean over cases and classes of the 3-D Dice (legacy policy) on the validation cases
-    (images already in [0, 1]), scored by :func:`hsam.scoring.evaluate_cases`.
+    (images already in [0, 1]), scored by :func:`hsam.evaluation.scoring.evaluate_cases`.
 
     With `cache`, the frozen encoder prefix of each volume is computed once and reused."""
     predictor = Predictor(

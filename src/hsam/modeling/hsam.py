@@ -59,7 +59,7 @@ class HSAM(nn.Module):
           stage2_embedding_noise: training-only noise on stage 2's input, std = this x the
             embedding's global range (released code: 0.2).
           fuse: average the stages' probabilities (paper) or logits (released code).
-          test_input_size: read by slice-wise inference (hsam.inference), which resamples
+          test_input_size: read by slice-wise inference (hsam.inference.slicewise), which resamples
             slices through this side first (released code: 224); None = off.
         """
         super().__init__()
@@ -97,7 +97,7 @@ class HSAM(nn.Module):
     @property
     def num_tokens(self) -> int:
         """T = K + 1: the class (mask) tokens, one per output channel, background first.
-        Configs, cases and :class:`hsam.predictor.Predictor` call K ``num_classes``; the
+        Configs, cases and :class:`hsam.inference.predictor.Predictor` call K ``num_classes``; the
         model's count includes background, so it has its own name."""
         return self.mask_decoder.num_mask_tokens
 

@@ -18,7 +18,7 @@ from hsam.data.case import Case
 from hsam.data.formats.base import DatasetFormat, SliceFiles
 from hsam.data.formats.common import h5_arrays, ids_from_lists, resolve_ids, to_label
 from hsam.errors import DataError
-from hsam.imageio import check_finite
+from hsam.io.images import check_finite
 
 logger = logging.getLogger(__name__)
 

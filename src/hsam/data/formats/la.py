@@ -15,7 +15,7 @@ from hsam.data.case import Case
 from hsam.data.formats.base import DatasetFormat
 from hsam.data.formats.common import h5_arrays, ids_from_lists, resolve_ids, to_label
 from hsam.errors import DataError
-from hsam.imageio import check_finite
+from hsam.io.images import check_finite
 
 __all__ = ["LA", "LA_LABELS", "LA_SPACING", "read_la", "read_la_case"]
 

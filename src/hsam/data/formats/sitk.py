@@ -1,6 +1,6 @@
 """Reading SimpleITK images (NIfTI, MHA/MHD, NRRD) into cases, shared by the ``promise12`` and
 ``nnunet`` formats and by :mod:`hsam.data.prepare`: the one reading path
-(:func:`hsam.imageio.read_image`), the ``(z, y, x)`` -> ``(D, H, W)`` geometry and the check that
+(:func:`hsam.io.images.read_image`), the ``(z, y, x)`` -> ``(D, H, W)`` geometry and the check that
 a label lies on its image's grid."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import numpy as np
 from hsam.data.case import Case
 from hsam.data.formats.common import num_foreground_classes, require_file, to_label
 from hsam.errors import DataError
-from hsam.imageio import read_image
 from hsam.intensity import apply_intensity
+from hsam.io.images import read_image
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ SITK_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 
 
 def read_sitk(path: Path) -> tuple[np.ndarray, Any, bytes | None]:
-    """(array, SimpleITK image, NIfTI-1 header or None) through :func:`hsam.imageio.read_image`,
+    """(array, SimpleITK image, NIfTI-1 header or None) through :func:`hsam.io.images.read_image`,
     the reading path (and checks) of every command."""
     import SimpleITK as sitk  # noqa: N813
 

@@ -28,8 +28,8 @@ from hsam.data.formats.common import (
     to_label,
 )
 from hsam.errors import DataError
-from hsam.imageio import check_finite
 from hsam.intensity import DEFAULT_CT_POLICY
+from hsam.io.images import check_finite
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ pure function of the per-case rows (cases sorted by id, classes by index, seeded
 ``summarize(read_per_case_csv(csv))`` reproduces ``summary.json`` exactly: floats are written to
 the CSV with ``repr`` (round-trip exact) and NaN as ``nan``.
 
-Both metric policies are always reported side by side (see :mod:`hsam.metrics`):
+Both metric policies are always reported side by side (see :mod:`hsam.evaluation.metrics`):
 
 * ``legacy`` -- the published TransUNet/SAMed/H-SAM numbers: medpy Dice and pooled HD95 in
   voxel units, empty prediction -> Dice 0 and HD95 0, prediction on an empty ground truth ->
@@ -14,8 +14,8 @@ Both metric policies are always reported side by side (see :mod:`hsam.metrics`):
 * ``strict`` -- HD95 and NSD in mm; NaN where undefined (Dice: both masks empty; HD95/NSD:
   either mask empty). Means skip NaN and every summary entry says how many cases were defined.
 
-Predicted-size warnings (:mod:`hsam.volume_check`: a class whose predicted volume fraction is
-far outside the training range) are kept per (case, class) in the CSV's ``volume_warning``
+Predicted-size warnings (:mod:`hsam.inference.volume_check`: a class whose predicted volume fraction
+is far outside the training range) are kept per (case, class) in the CSV's ``volume_warning``
 column (empty when none), listed in the summary's ``volume_warnings`` and, when there are any,
 in a last section of the Markdown table. CSVs written before that column existed are still
 read (as no warnings).
@@ -38,10 +38,16 @@ from typing import Any
 
 import numpy as np
 
-from hsam.atomic import atomic_write_text
 from hsam.errors import DataError
-from hsam.imageio import refuse_existing
-from hsam.metrics import METRICS, POLICIES, bootstrap_ci, mean_over_classes, per_class_mean
+from hsam.evaluation.metrics import (
+    METRICS,
+    POLICIES,
+    bootstrap_ci,
+    mean_over_classes,
+    per_class_mean,
+)
+from hsam.io.atomic import atomic_write_text
+from hsam.io.images import refuse_existing
 
 logger = logging.getLogger(__name__)
 
@@ -126,10 +132,11 @@ def case_rows(
     label_names: Mapping[int, str] | Sequence[str] | None = None,
     volume_warnings: Mapping[int, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Per-case CSV rows (one per class) from :func:`hsam.metrics.evaluate_case`'s result.
+    """Per-case CSV rows (one per class) from :func:`hsam.evaluation.metrics.evaluate_case`'s
+    result.
 
     ``volume_warnings``: ``{class index: text}`` of the classes whose predicted size was flagged
-    (:attr:`hsam.volume_check.VolumeWarning.detail`), the ``volume_warning`` column."""
+    (:attr:`hsam.inference.volume_check.VolumeWarning.detail`), the ``volume_warning`` column."""
     warnings = volume_warnings or {}
     names = label_name_map(label_names, int(result["num_classes"]))
     sd, sh, sw = (float(s) for s in result["spacing"])

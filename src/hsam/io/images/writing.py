@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk  # noqa: N813
 
-from hsam.atomic import atomic_output as _atomic_output
-from hsam.atomic import refuse_existing
 from hsam.errors import DataError
-from hsam.imageio.nifti import write_nifti_from_header
-from hsam.imageio.volume import (
+from hsam.io.atomic import atomic_output as _atomic_output
+from hsam.io.atomic import refuse_existing
+from hsam.io.images.nifti import write_nifti_from_header
+from hsam.io.images.volume import (
     DICOM_OUTPUT_EXTENSION,
     EXTENSION_FORMATS,
     SUPPORTED_EXTENSIONS,
@@ -100,7 +100,7 @@ def _companions(path: Path) -> list[Path]:
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """:func:`hsam.atomic.atomic_output` for a volume file: the temp file keeps the volume
+    """:func:`hsam.io.atomic.atomic_output` for a volume file: the temp file keeps the volume
     extension (writers pick the format from it) and a ``.mhd``'s data file moves with it."""
     path = Path(path)
     with _atomic_output(

@@ -1,5 +1,5 @@
 """Slice-wise inference of a model over whole [0, 1] volumes, with or without a shared frozen
-encoder prefix. The functions the Predictor (hsam.predictor) runs; applications use it."""
+encoder prefix. The functions the Predictor (hsam.inference.predictor) runs; applications use it."""
 
 from __future__ import annotations
 

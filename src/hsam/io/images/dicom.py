@@ -11,7 +11,7 @@ import numpy as np
 import SimpleITK as sitk  # noqa: N813
 
 from hsam.errors import DataError
-from hsam.imageio.volume import SUPPORTED_EXTENSIONS, itk_message
+from hsam.io.images.volume import SUPPORTED_EXTENSIONS, itk_message
 
 logger = logging.getLogger(__name__)
 

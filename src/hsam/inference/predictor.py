@@ -5,19 +5,20 @@ network (loaded from a checkpoint by :meth:`Predictor.from_checkpoint`, or any b
 intensity policy that maps raw intensities to the model's ``[0, 1]``
 (:func:`hsam.intensity.to_model_range`), the batch size, the precision, the stage whose
 probabilities are used, the post-processing of the labels, and the training size ranges used by
-the predicted-size check (:mod:`hsam.volume_check`). Shaped like MONAI's callable inferers:
+the predicted-size check (:mod:`hsam.inference.volume_check`). Shaped like MONAI's
+callable inferers:
 
     predictor = Predictor.from_checkpoint("best.pt")
     labels = predictor(volume)                                      # (D, H, W) uint8
     pred = predictor.predict(volume, return_probabilities=True)     # + (T, D, H, W), [0, 1] input
 
-Slices are taken along axis 0 and predicted with :func:`hsam.inference.predict_volume`.
+Slices are taken along axis 0 and predicted with :func:`hsam.inference.slicewise.predict_volume`.
 Several predictors whose models share their frozen encoder prefix (same backbone weights, LoRA
 only after it) are run together by :func:`predict_shared`: the prefix is computed once per slice
 and finished by each model (the same labels as one predictor at a time).
 
 Nothing here reads or writes files other than the checkpoint: the ``predict`` application
-(:mod:`hsam.prediction`) and the scoring loop (:mod:`hsam.scoring`) sit on top of it.
+(:mod:`hsam.apps.predict`) and the scoring loop (:mod:`hsam.evaluation.scoring`) sit on top of it.
 """
 
 from __future__ import annotations
@@ -33,26 +34,26 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hsam.checkpoint import LoadedCheckpoint, load_checkpoint
 from hsam.devices import resolve_device
 from hsam.errors import CheckpointError, ConfigError, DataError
-from hsam.inference import (
+from hsam.inference.postprocess import POSTPROCESS_CHOICES, postprocess_labels
+from hsam.inference.slicewise import (
     Precision,
     Stage,
     predict_from_prefix,
     predict_volume,
     predict_volume_shared_prefix,
 )
-from hsam.intensity import parse_policy, to_model_range
-from hsam.modeling.hsam import HSAM
-from hsam.postprocess import POSTPROCESS_CHOICES, postprocess_labels
-from hsam.volume_check import (
+from hsam.inference.volume_check import (
     DEFAULT_FACTOR,
     VolumeWarning,
     check_factor,
     ranges_from_meta,
     volume_warnings,
 )
+from hsam.intensity import parse_policy, to_model_range
+from hsam.io.checkpoint import LoadedCheckpoint, load_checkpoint
+from hsam.modeling.hsam import HSAM
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def check_precision(precision: str) -> Precision:
 
 
 def check_postprocess(method: str) -> str:
-    """`method` if it names a post-processing (hsam.postprocess), else a ConfigError."""
+    """`method` if it names a post-processing (hsam.inference.postprocess), else a ConfigError."""
     if method not in POSTPROCESS_CHOICES:
         raise ConfigError(
             f"unknown post-processing {method!r}; choose one of {', '.join(POSTPROCESS_CHOICES)}."
@@ -182,7 +183,7 @@ class Predictor:
           stage: ``1``, ``2`` or ``"fused"`` (the paper's output).
           batch_size: slices per forward pass.
           precision: ``"fp32"`` or ``"bf16"`` (autocast).
-          postprocess: ``"none"`` or ``"largest_component"`` (:mod:`hsam.postprocess`),
+          postprocess: ``"none"`` or ``"largest_component"`` (:mod:`hsam.inference.postprocess`),
             applied to the labels (the probabilities stay the model's).
           volume_ranges: per-class training range of the volume fraction, for
             :meth:`check_volumes` (None: sizes are not checked).
@@ -317,8 +318,9 @@ class Predictor:
 
     def predict_from_prefix(self, features: Tensor, shape: tuple[int, int]) -> np.ndarray:
         """``(D, H, W)`` labels from the frozen encoder prefix of every slice (``(D, ...)``,
-        :func:`hsam.inference.encode_volume_prefix`; e.g. a training run's cached validation
-        volumes): the same labels as :meth:`predict` on the volume, prefix not recomputed."""
+        :func:`hsam.inference.slicewise.encode_volume_prefix`; e.g. a training run's cached
+        validation volumes): the same labels as :meth:`predict` on the volume, prefix not
+        recomputed."""
         labels = predict_from_prefix(
             self.model,
             features,
@@ -344,8 +346,8 @@ class Predictor:
         label_names: Mapping[int, str] | None = None,
     ) -> list[VolumeWarning]:
         """Predicted classes far outside the training size range
-        (:func:`hsam.volume_check.volume_warnings`), each logged as a WARNING naming ``where``
-        (the case or file). Empty when in range, when ``factor`` is None/0, or when the
+        (:func:`hsam.inference.volume_check.volume_warnings`), each logged as a WARNING naming
+        ``where`` (the case or file). Empty when in range, when ``factor`` is None/0, or when the
         predictor has no range."""
         names = label_names or {c: n for c, n in self.label_names.items() if c > 0}
         found = volume_warnings(

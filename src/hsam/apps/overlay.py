@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy.ndimage import binary_erosion
 
 from hsam.errors import DataError
-from hsam.imageio import atomic_output
+from hsam.io.images import atomic_output
 
 logger = logging.getLogger(__name__)
 

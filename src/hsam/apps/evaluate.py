@@ -1,20 +1,20 @@
 """`hsam evaluate`: score a checkpoint on labelled volumes with the field's metrics.
 
-For every case of the chosen split, :func:`hsam.scoring.evaluate_cases` (the loop shared with
-the demo, the few-shot benchmark and validation during training) maps the image to ``[0, 1]``
+For every case of the chosen split, :func:`hsam.evaluation.scoring.evaluate_cases` (the loop shared
+with the demo, the few-shot benchmark and validation during training) maps the image to ``[0, 1]``
 with the checkpoint's intensity policy (the reader's own preprocessing, ``Case.intensity``, is
 taken into account), segments it slice by slice along axis 0 with a
-:class:`hsam.predictor.Predictor` (every slice), and scores it in 3-D per class with
-:func:`hsam.metrics.evaluate_case` (Dice, HD95, NSD under the ``legacy`` and ``strict``
+:class:`hsam.inference.predictor.Predictor` (every slice), and scores it in 3-D per class with
+:func:`hsam.evaluation.metrics.evaluate_case` (Dice, HD95, NSD under the ``legacy`` and ``strict``
 policies, with the case's voxel spacing). Reports
-(:func:`hsam.reports.write_reports`): ``per_case.csv``, ``summary.json`` (per-class and mean
-metrics, both policies, bootstrap CIs) and ``table.md`` (shaped like H-SAM's Table 1), plus
+(:func:`hsam.evaluation.reports.write_reports`): ``per_case.csv``, ``summary.json`` (per-class and
+mean metrics, both policies, bootstrap CIs) and ``table.md`` (shaped like H-SAM's Table 1), plus
 ``evaluation.json`` (what was evaluated: checkpoint, data, split, case ids, stage, intensity
 policy, versions) and, with ``save_predictions``, ``predictions/<case>.nii.gz`` label maps on the
 case's ``(D, H, W)`` grid with its spacing (and origin/direction where the reader knows them).
 
-Predicted-size check (:mod:`hsam.volume_check`): where the checkpoint records each class's range
-of volume fractions over its training cases, a predicted class far outside it is logged as a
+Predicted-size check (:mod:`hsam.inference.volume_check`): where the checkpoint records each class's
+range of volume fractions over its training cases, a predicted class far outside it is logged as a
 WARNING naming the case, and recorded in the ``volume_warning`` column of ``per_case.csv``, the
 ``volume_warnings`` list of ``summary.json`` (and a section of ``table.md``), and per case in
 ``evaluation.json`` (``cases[i].volume_warnings``; the range and factor under ``volume_check``).
@@ -54,18 +54,13 @@ import torch
 from tqdm.auto import tqdm
 
 import hsam
-from hsam.atomic import (
-    atomic_write_text,
-    check_writable_folder,
-    make_staging_dir,
-    remove_stale_staging_dirs,
-)
 from hsam.config import DataConfig, check_legacy_data_num_classes, from_dict, load_run_config
 from hsam.data import Case, list_cases, read_dataset, read_list
 from hsam.data.formats import FORMATS, detect_format
 from hsam.errors import CheckpointError, ConfigError, DataError
-from hsam.imageio import Geometry, refuse_existing, write_label_volume
-from hsam.predictor import (
+from hsam.evaluation.reports import write_reports
+from hsam.evaluation.scoring import evaluate_cases
+from hsam.inference.predictor import (
     Prediction,
     Predictor,
     check_batch_size,
@@ -74,9 +69,14 @@ from hsam.predictor import (
     check_volume_factor,
     normalize_stage,
 )
-from hsam.reports import write_reports
-from hsam.scoring import evaluate_cases
-from hsam.volume_check import DEFAULT_FACTOR
+from hsam.inference.volume_check import DEFAULT_FACTOR
+from hsam.io.atomic import (
+    atomic_write_text,
+    check_writable_folder,
+    make_staging_dir,
+    remove_stale_staging_dirs,
+)
+from hsam.io.images import Geometry, refuse_existing, write_label_volume
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def check_classes(case: Case, predictor: Predictor, source: str) -> None:
 
 
 def _geometry(case: Case) -> Geometry:
-    """The case's grid for :func:`~hsam.imageio.write_label_volume` (the writer of ``predict``);
+    """The case's grid for :func:`~hsam.io.images.write_label_volume` (the writer of ``predict``);
     with the source's NIfTI-1 header, so a saved prediction keeps its qform/sform."""
     geo = Geometry.default(case.image.shape, case.spacing)
     return Geometry(
@@ -294,11 +294,12 @@ def evaluate_checkpoint(
         volume_factor: predicted-size check (module doc): flag a class whose volume fraction
             is below ``min / factor`` or above ``max * factor`` of the checkpoint's training
             range; None or 0 turns it off. Checkpoints without the range are not checked.
-        postprocess: ``"none"`` or ``"largest_component"`` (:mod:`hsam.postprocess`), applied
-            to each predicted volume before it is scored (and saved).
+        postprocess: ``"none"`` or ``"largest_component"`` (:mod:`hsam.inference.postprocess`),
+            applied to each predicted volume before it is scored (and saved).
 
     Returns:
-        The summary written to ``summary.json`` (:func:`hsam.reports.summarize`'s format).
+        The summary written to ``summary.json`` (:func:`hsam.evaluation.reports.summarize`'s
+        format).
 
     Raises:
         CheckpointError: the checkpoint's class count differs from the data's (both named).

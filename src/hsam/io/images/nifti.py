@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk  # noqa: N813
 
 from hsam.errors import DataError
-from hsam.imageio.volume import EXTENSION_FORMATS, Geometry, check_finite, volume_extension
+from hsam.io.images.volume import EXTENSION_FORMATS, Geometry, check_finite, volume_extension
 
 logger = logging.getLogger(__name__)
 

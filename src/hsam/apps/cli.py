@@ -11,8 +11,8 @@ from pathlib import Path
 from hsam.config import ModelConfig
 from hsam.devices import configure_cpu_allocator
 from hsam.errors import HSAMError
-from hsam.postprocess import POSTPROCESS_CHOICES
-from hsam.volume_check import DEFAULT_FACTOR
+from hsam.inference.postprocess import POSTPROCESS_CHOICES
+from hsam.inference.volume_check import DEFAULT_FACTOR
 
 logger = logging.getLogger("hsam")
 
@@ -26,10 +26,10 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from hsam.info import format_info, model_info
+    from hsam.apps.info import format_info, model_info
 
     if args.checkpoint:
-        from hsam.checkpoint import read_checkpoint
+        from hsam.io.checkpoint import read_checkpoint
 
         payload = read_checkpoint(args.checkpoint)
         from hsam.config import from_dict
@@ -71,8 +71,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from hsam.atomic import check_writable_folder
     from hsam.data import prepare
+    from hsam.io.atomic import check_writable_folder
 
     # Before reading any data: the output is built beside dst, then moved into place.
     check_writable_folder(Path(args.dst).parent, "prepare output folder")
@@ -89,7 +89,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from hsam.evaluation import evaluate_checkpoint
+    from hsam.apps.evaluate import evaluate_checkpoint
 
     summary = evaluate_checkpoint(
         args.checkpoint,
@@ -120,7 +120,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from hsam.prediction import predict_files
+    from hsam.apps.predict import predict_files
 
     written = predict_files(
         args.checkpoint,
@@ -174,7 +174,7 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from hsam.demo import DemoSchedule, run_demo
+    from hsam.apps.demo import DemoSchedule, run_demo
 
     schedule = DemoSchedule()
     if args.epochs is not None:

@@ -20,17 +20,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from hsam.atomic import atomic_write_text
+from hsam.apps.overlay import render_overlay
 from hsam.config import AugmentConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
 from hsam.data import Case, read_dataset, read_list
 from hsam.engine.prefix_cache import build_shared_prefix_cache
 from hsam.engine.trainer import run_training
 from hsam.errors import OutputExistsError
-from hsam.imageio import Geometry, read_volume, write_label_volume
-from hsam.overlay import render_overlay
-from hsam.predictor import Prediction, Predictor
-from hsam.reports import markdown_table, summarize, write_reports
-from hsam.scoring import evaluate_cases
+from hsam.evaluation.reports import markdown_table, summarize, write_reports
+from hsam.evaluation.scoring import evaluate_cases
+from hsam.inference.predictor import Prediction, Predictor
+from hsam.io.atomic import atomic_write_text
+from hsam.io.images import Geometry, read_volume, write_label_volume
 
 logger = logging.getLogger(__name__)
 

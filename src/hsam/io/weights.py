@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from hsam.errors import CheckpointError
-from hsam.hashing import file_sha256
+from hsam.io.hashing import file_sha256
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import SimpleITK as sitk  # noqa: N813
 
 from hsam.errors import DataError
-from hsam.imageio.dicom import is_dicom_series, read_dicom_series
-from hsam.imageio.nifti import check_nifti, nifti_header_bytes
-from hsam.imageio.volume import (
+from hsam.io.images.dicom import is_dicom_series, read_dicom_series
+from hsam.io.images.nifti import check_nifti, nifti_header_bytes
+from hsam.io.images.volume import (
     EXTENSION_FORMATS,
     SUPPORTED_EXTENSIONS,
     Geometry,

@@ -28,18 +28,18 @@ adds the checks SimpleITK does not make: a truncated NIfTI (ITK zero-fills it), 
 (ITK's NIfTI reader turns them into 0, so NIfTI data are checked with nibabel), NIfTI-2 (not
 supported), and DICOM series with unreadable slice files or uneven slice positions.
 
-Layout (one responsibility a module; every public name is importable from ``hsam.imageio``):
-:mod:`~hsam.imageio.volume` (extensions, :class:`Geometry`, :class:`Volume`),
-:mod:`~hsam.imageio.nifti` (NIfTI checks and header-preserving writes),
-:mod:`~hsam.imageio.dicom` (DICOM series), :mod:`~hsam.imageio.reading` and
-:mod:`~hsam.imageio.writing`.
+Layout (one responsibility a module; every public name is importable from ``hsam.io.images``):
+:mod:`~hsam.io.images.volume` (extensions, :class:`Geometry`, :class:`Volume`),
+:mod:`~hsam.io.images.nifti` (NIfTI checks and header-preserving writes),
+:mod:`~hsam.io.images.dicom` (DICOM series), :mod:`~hsam.io.images.reading` and
+:mod:`~hsam.io.images.writing`.
 """
 
-from hsam.atomic import refuse_existing
-from hsam.imageio.dicom import DICOM_STEP_TOLERANCE
-from hsam.imageio.nifti import refuse_unsupported_nifti
-from hsam.imageio.reading import ImageFile, list_inputs, read_image, read_volume
-from hsam.imageio.volume import (
+from hsam.io.atomic import refuse_existing
+from hsam.io.images.dicom import DICOM_STEP_TOLERANCE
+from hsam.io.images.nifti import refuse_unsupported_nifti
+from hsam.io.images.reading import ImageFile, list_inputs, read_image, read_volume
+from hsam.io.images.volume import (
     DICOM_OUTPUT_EXTENSION,
     SUPPORTED_EXTENSIONS,
     Geometry,
@@ -47,7 +47,7 @@ from hsam.imageio.volume import (
     check_finite,
     volume_extension,
 )
-from hsam.imageio.writing import (
+from hsam.io.images.writing import (
     atomic_output,
     safe_output_path,
     write_label_volume,

@@ -1,6 +1,6 @@
 """Volume files and grids: the supported extensions, :class:`Geometry` (the voxel grid an
 output must be written on) and :class:`Volume` (an array with its grid), and the checks every
-reader shares. No reading or writing here (see :mod:`hsam.imageio`)."""
+reader shares. No reading or writing here (see :mod:`hsam.io.images`)."""
 
 from __future__ import annotations
 
@@ -83,7 +83,8 @@ class Geometry:
 
     @property
     def spacing_dhw(self) -> tuple[float, float, float]:
-        """Spacing in array order ``(D, H, W)`` in mm (what :mod:`hsam.metrics` expects)."""
+        """Spacing in array order ``(D, H, W)`` in mm (what :mod:`hsam.evaluation.metrics`
+        expects)."""
         return (self.spacing[2], self.spacing[1], self.spacing[0])
 
     @classmethod

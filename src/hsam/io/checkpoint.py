@@ -19,11 +19,11 @@ import torch
 from torch import Tensor, nn
 
 import hsam
-from hsam.atomic import atomic_output
 from hsam.build import BuiltModel, build_hsam
 from hsam.config import ModelConfig, from_dict
 from hsam.errors import CheckpointError, ConfigError
-from hsam.weights import load_torch_file
+from hsam.io.atomic import atomic_output
+from hsam.io.weights import load_torch_file
 
 logger = logging.getLogger(__name__)
 

@@ -1,29 +1,29 @@
 """`hsam predict`: segment medical volumes with a trained checkpoint, on the input's exact grid.
 
-The file layer over :class:`hsam.predictor.Predictor` (which loads the checkpoint, applies its
-intensity policy and predicts): choosing, checking and staging the output files.
+The file layer over :class:`hsam.inference.predictor.Predictor` (which loads the checkpoint, applies
+its intensity policy and predicts): choosing, checking and staging the output files.
 
 Pipeline per input (NIfTI ``.nii``/``.nii.gz``, MetaImage ``.mha``/``.mhd``, ``.nrrd``, or a
 folder holding one DICOM series; folders of such files are expanded by
-:func:`hsam.imageio.list_inputs`):
+:func:`hsam.io.images.list_inputs`):
 
-1. :func:`hsam.imageio.read_volume` -- the SimpleITK array ``(D, H, W) = (k, j, i)`` and the
+1. :func:`hsam.io.images.read_volume` -- the SimpleITK array ``(D, H, W) = (k, j, i)`` and the
    geometry, never reoriented, flipped or transposed;
 2. intensities mapped to the model's ``[0, 1]`` with the checkpoint's stored policy
    (``meta["intensity_policy"]``, :func:`hsam.intensity.to_model_range`);
-3. :meth:`hsam.predictor.Predictor.predict` (:func:`hsam.inference.predict_volume`): **slices
-   are taken along the first array axis of the SimpleITK array, i.e. the image's k (z)
-   index**: slice ``d`` is ``array[d]``, a plane of constant voxel index k whatever the
-   direction cosines say (axial for a usual axial CT/MR acquisition; for a sagittal or coronal
-   acquisition it is that acquisition plane). Every slice is predicted (empty ones too); the
-   class probabilities are resized back to the slice grid (bilinear) and the labels are their
-   argmax;
+3. :meth:`hsam.inference.predictor.Predictor.predict`
+   (:func:`hsam.inference.slicewise.predict_volume`): **slices are taken along the first array axis
+   of the SimpleITK array, i.e. the image's k (z) index**: slice ``d`` is ``array[d]``, a plane of
+   constant voxel index k whatever the direction cosines say (axial for a usual axial CT/MR
+   acquisition; for a sagittal or coronal acquisition it is that acquisition plane). Every slice is
+   predicted (empty ones too); the class probabilities are resized back to the slice grid (bilinear)
+   and the labels are their argmax;
 4. the label map is written on exactly the input's grid (same shape, spacing, origin,
    direction; a NIfTI output of a NIfTI input also keeps the input's qform/sform bit for bit)
-   with :func:`hsam.imageio.write_label_volume`; optionally the per-class probabilities
+   with :func:`hsam.io.images.write_label_volume`; optionally the per-class probabilities
    (one 4-D float32 file, class axis last in ITK order, see
-   :func:`hsam.imageio.write_probability_volume`) and a PNG overlay montage
-   (:func:`hsam.overlay.render_overlay`, legend from ``meta["label_names"]``).
+   :func:`hsam.io.images.write_probability_volume`) and a PNG overlay montage
+   (:func:`hsam.apps.overlay.render_overlay`, legend from ``meta["label_names"]``).
 
 Output names: ``<stem>_seg<ext>`` (``<ext>`` = the input's, ``.nii.gz`` for DICOM),
 ``<stem>_prob<ext>`` and ``<stem>_overlay.png`` in the output folder; with exactly one input and
@@ -32,9 +32,9 @@ others are ``<output stem>_prob<ext>`` / ``<output stem>_overlay.png`` beside it
 
 Size check: where the checkpoint records the range of each class's volume fraction over its
 training cases (``meta["class_volume_fraction_range"]``), every prediction is compared with it and
-a class far outside it (default: 10x, :mod:`hsam.volume_check`) is logged as a WARNING naming the
-input, the class, the predicted fraction and the training range: a silent failure on a scan
-unlike the training ones (e.g. an almost empty mask) shows up on that scan.
+a class far outside it (default: 10x, :mod:`hsam.inference.volume_check`) is logged as a WARNING
+naming the input, the class, the predicted fraction and the training range: a silent failure on a
+scan unlike the training ones (e.g. an almost empty mask) shows up on that scan.
 
 Safety: an existing output is refused unless ``overwrite``; an output folder inside an input
 folder (or equal to it) is refused; every input's header is checked (readable, 3-D, scalar)
@@ -57,9 +57,19 @@ import numpy as np
 import SimpleITK as sitk  # noqa: N813
 from tqdm.auto import tqdm
 
-from hsam.atomic import check_writable_folder, make_staging_dir, remove_stale_staging_dirs
+from hsam.apps.overlay import render_overlay
 from hsam.errors import DataError
-from hsam.imageio import (
+from hsam.inference.predictor import (
+    Predictor,
+    check_batch_size,
+    check_postprocess,
+    check_precision,
+    check_volume_factor,
+    normalize_stage,
+)
+from hsam.inference.volume_check import DEFAULT_FACTOR, VolumeWarning
+from hsam.io.atomic import check_writable_folder, make_staging_dir, remove_stale_staging_dirs
+from hsam.io.images import (
     SUPPORTED_EXTENSIONS,
     list_inputs,
     read_volume,
@@ -70,16 +80,6 @@ from hsam.imageio import (
     write_label_volume,
     write_probability_volume,
 )
-from hsam.overlay import render_overlay
-from hsam.predictor import (
-    Predictor,
-    check_batch_size,
-    check_postprocess,
-    check_precision,
-    check_volume_factor,
-    normalize_stage,
-)
-from hsam.volume_check import DEFAULT_FACTOR, VolumeWarning
 
 logger = logging.getLogger(__name__)
 
@@ -322,7 +322,7 @@ def predict_files(
             training range stored in the checkpoint; None or 0 turns it off. Checkpoints
             without the range are not checked.
         postprocess: ``"none"`` or ``"largest_component"`` (each class keeps its largest 3-D
-            connected component; :mod:`hsam.postprocess`). Applied to the labels only (the
+            connected component; :mod:`hsam.inference.postprocess`). Applied to the labels only (the
             probabilities are the model's).
 
     Returns:

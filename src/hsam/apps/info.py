@@ -10,8 +10,8 @@ from torch import nn
 
 from hsam.build import build_hsam
 from hsam.config import ModelConfig, to_dict
+from hsam.io.weights import WeightsIdentity, resolve_backbone_weights
 from hsam.modeling.hsam import HSAM
-from hsam.weights import WeightsIdentity, resolve_backbone_weights
 
 
 @dataclass(frozen=True)

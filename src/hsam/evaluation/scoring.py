@@ -1,15 +1,16 @@
 """One loop for every score: read case -> segment -> score -> rows.
 
-:func:`evaluate_cases` is what ``hsam evaluate`` (:mod:`hsam.evaluation`), the demo
-(:mod:`hsam.demo`), the few-shot benchmark (``benchmarks/fewshot.py``) and validation during
+:func:`evaluate_cases` is what ``hsam evaluate`` (:mod:`hsam.apps.evaluate`), the demo
+(:mod:`hsam.apps.demo`), the few-shot benchmark (``benchmarks/fewshot.py``) and validation during
 training (:func:`hsam.engine.trainer.validation_dice`) run. For each labelled
-:class:`~hsam.data.Case` it segments the volume with every :class:`~hsam.predictor.Predictor`
-(several of them share one frozen encoder prefix per slice,
-:func:`hsam.predictor.predict_shared`), optionally hands each prediction to a ``save`` callback
-(which may return the labels to score instead, e.g. read back from the file it wrote), and
-scores it in 3-D per class (:func:`hsam.metrics.evaluate_case`: Dice, HD95, NSD under both
-policies, rows for :func:`hsam.reports.write_reports`; or the legacy Dice alone). Checks of
-what the data should be (e.g. ``evaluate``'s class-count check) stay with the callers.
+:class:`~hsam.data.Case` it segments the volume with every
+:class:`~hsam.inference.predictor.Predictor` (several of them share one frozen encoder prefix per
+slice, :func:`hsam.inference.predictor.predict_shared`), optionally hands each prediction to a
+``save`` callback (which may return the labels to score instead, e.g. read back from the file it
+wrote), and scores it in 3-D per class (:func:`hsam.evaluation.metrics.evaluate_case`: Dice, HD95,
+NSD under both policies, rows for :func:`hsam.evaluation.reports.write_reports`; or the legacy Dice
+alone). Checks of what the data should be (e.g. ``evaluate``'s class-count check) stay with the
+callers.
 
 Results come one :class:`CaseEvaluation` per case, as they are computed, so callers keep their
 own progress bars, logs and reports; cases may be read lazily by a generator.
@@ -26,11 +27,11 @@ import numpy as np
 
 from hsam.data import Case
 from hsam.errors import ConfigError, DataError
-from hsam.metrics import dice, evaluate_case
-from hsam.postprocess import postprocess_labels
-from hsam.predictor import Prediction, Predictor, check_postprocess, predict_shared
-from hsam.reports import case_rows
-from hsam.volume_check import VolumeWarning
+from hsam.evaluation.metrics import dice, evaluate_case
+from hsam.evaluation.reports import case_rows
+from hsam.inference.postprocess import postprocess_labels
+from hsam.inference.predictor import Prediction, Predictor, check_postprocess, predict_shared
+from hsam.inference.volume_check import VolumeWarning
 
 if TYPE_CHECKING:  # the engine's cache type only; scoring does not depend on the engine
     from hsam.engine.prefix_cache import PrefixCache
@@ -52,9 +53,10 @@ class CaseScore:
         postprocess: the extra post-processing scored, or None (the predictor's own output).
         labels: ``(D, H, W)`` labels that were scored.
         dice: legacy Dice of classes ``1..K``, in order.
-        result: :func:`hsam.metrics.evaluate_case`'s result (None with ``metrics="dice"``).
-        rows: the case's per-class report rows (:func:`hsam.reports.case_rows`; empty with
+        result: :func:`hsam.evaluation.metrics.evaluate_case`'s result (None with
             ``metrics="dice"``).
+        rows: the case's per-class report rows (:func:`hsam.evaluation.reports.case_rows`;
+            empty with ``metrics="dice"``).
         volume_warnings: predicted classes far outside the training size range.
     """
 
@@ -122,17 +124,17 @@ def evaluate_cases(
     """Segment and score every labelled case; one :class:`CaseEvaluation` per case, in order.
 
     Args:
-        predictors: one :class:`~hsam.predictor.Predictor`, or several (a sequence): those
+        predictors: one :class:`~hsam.inference.predictor.Predictor`, or several (a sequence): those
             sharing a frozen encoder compute its prefix once per slice.
         cases: labelled cases with raw images (each predictor applies its intensity policy,
             taking ``Case.intensity`` into account) or, for predictors whose policy is None,
             images already in ``[0, 1]``.
-        metrics: ``"all"`` (:func:`hsam.metrics.evaluate_case` and report rows) or ``"dice"``
-            (the legacy Dice alone, no surface distances: validation during training).
+        metrics: ``"all"`` (:func:`hsam.evaluation.metrics.evaluate_case` and report rows) or
+            ``"dice"`` (the legacy Dice alone, no surface distances: validation during training).
         nsd_tolerance_mm: NSD tolerance in mm (one value, or one per class 1..K).
-        postprocess: post-processings (:mod:`hsam.postprocess`) to score, each applied to every
-            prediction (one :class:`CaseScore` each); None scores the predictions as they are.
-        volume_factor: predicted-size check of each prediction (:mod:`hsam.volume_check`,
+        postprocess: post-processings (:mod:`hsam.inference.postprocess`) to score, each applied to
+            every prediction (one :class:`CaseScore` each); None scores the predictions as they are.
+        volume_factor: predicted-size check of each prediction (:mod:`hsam.inference.volume_check`,
             logged and recorded per score); None turns it off.
         save: called with each prediction before it is scored (:data:`SaveCallback`).
         prefix_cache: a training run's cache of the validation volumes' encoder prefix, keyed
