@@ -38,6 +38,17 @@ def shared_data_dir() -> Path:
     return Path(os.environ.get("HSAM_SHARED_DATA", REPO / ".." / "shared" / "data")).resolve()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a whole test module, restored after it: the tiny models are
+    fastest single-threaded (and CI machines are small and shared). Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_cfg() -> ModelConfig:
     return ModelConfig(backbone="tiny", image_size=64, num_classes=3, lora_rank=2)

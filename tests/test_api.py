@@ -32,12 +32,7 @@ POLICY = "percentile[0.5,99.5]"
 TINY = ModelConfig(backbone="tiny", image_size=64, num_classes=1, lora_rank=2, lora_last_n=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny_model(seed: int, *, stages: int = 2, backbone_seed: int | None = None):

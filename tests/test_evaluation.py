@@ -31,13 +31,7 @@ from hsam.errors import CheckpointError, ConfigError, DataError, OutputExistsErr
 from hsam.evaluation.reports import read_per_case_csv, summarize
 from hsam.inference.postprocess import keep_largest_component
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def data_root(name: str) -> Path:

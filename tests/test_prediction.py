@@ -42,14 +42,7 @@ from hsam.inference.predictor import Predictor, checkpoint_label_names
 from hsam.io.checkpoint import save_checkpoint
 from hsam.io.images import read_volume
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model is fastest single-threaded (and CI machines are small and shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
