@@ -6,7 +6,8 @@ the test list. This is how the README's ACDC recipe choices were measured, e.g.
 
     python benchmarks/acdc_validation.py runs/a/checkpoints/final.pt runs/b/checkpoints/final.pt
 
-prints, per checkpoint, the mean Dice of RV/Myo/LV for stage 1, stage 2 and the fused output.
+prints, per checkpoint, the mean Dice of RV/Myo/LV for stage 1, stage 2 and the fused output
+(`--stages`), without and with flip test-time augmentation (`--tta none flip`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from hsam.data.formats.common import parse_slice_id, read_list
 from hsam.errors import ConfigError
 from hsam.evaluation.scoring import evaluate_cases
 from hsam.inference.predictor import Predictor
+from hsam.inference.slicewise import TTA_FLIPS
 
 logger = logging.getLogger("acdc_validation")
 
@@ -55,23 +57,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default="../shared/data/acdc")
     parser.add_argument("--labelled-lines", type=int, default=136, help="ACDC 10%%: 136")
     parser.add_argument("--every", type=int, default=6, help="every N-th unlabelled patient")
+    parser.add_argument("--stages", nargs="+", default=["1", "2", "fused"])
+    parser.add_argument("--tta", nargs="+", default=["none"], choices=tuple(TTA_FLIPS))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cases = validation_frames(Path(args.root), args.labelled_lines, args.every)
     logger.info("%d validation frames", len(cases))
     for checkpoint in args.checkpoints:
         row = {}
-        for stage in ("1", "2", "fused"):
-            try:
-                predictor = Predictor.from_checkpoint(
-                    checkpoint, device="cpu", stage=stage, precision="bf16"
-                )
-            except ConfigError:  # a one-stage model has no stage 2
-                continue
-            dices = [
-                s.dice for e in evaluate_cases(predictor, cases, metrics="dice") for s in e.scores
-            ]
-            row[stage] = round(100 * float(np.mean(dices)), 2)
+        for stage in args.stages:
+            for tta in args.tta:
+                try:
+                    predictor = Predictor.from_checkpoint(
+                        checkpoint, device="cpu", stage=stage, precision="bf16", tta=tta
+                    )
+                except ConfigError:  # a one-stage model has no stage 2
+                    continue
+                scores = evaluate_cases(predictor, cases, metrics="dice")
+                dices = [s.dice for e in scores for s in e.scores]
+                key = stage if tta == "none" else f"{stage}+{tta}"
+                row[key] = round(100 * float(np.mean(dices)), 2)
         logger.info("%s %s", checkpoint, row)
     return 0
 

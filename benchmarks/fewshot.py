@@ -42,7 +42,7 @@ import torch
 
 from hsam.config import RunConfig, config_differences, load_run_config, load_yaml
 from hsam.data import read_dataset
-from hsam.devices import configure_cpu_allocator
+from hsam.devices import configure_cpu_allocator, resolve_device, resolve_precision
 from hsam.engine.data import read_id_list
 from hsam.engine.prefix_cache import build_shared_prefix_cache
 from hsam.engine.trainer import run_training
@@ -582,6 +582,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     protocol = load_run_config(args.protocol, args.set)
+    # precision auto, resolved once for this machine: training, cache and evaluation agree.
+    device = resolve_device(protocol.train.device)
+    precision = resolve_precision(protocol.train.precision, device)
+    protocol = dataclasses.replace(
+        protocol, train=dataclasses.replace(protocol.train, precision=precision)
+    )
     test_spec = args.test_list or protocol.data.test_list
     if not test_spec:
         parser.error("the protocol has no data.test_list; pass --test-list")

@@ -177,6 +177,44 @@ def test_shared_prefix_predictions_equal_each_predictor_alone():
     assert not np.array_equal(shared[0].labels, shared[2].labels)  # the models differ
 
 
+def test_flip_tta_makes_the_prediction_mirror_with_the_input():
+    """Averaged over the four flips, a mirrored volume gets the mirrored probabilities (the
+    random tiny model alone is not mirror-symmetric, so without TTA this fails)."""
+    model = _tiny_model(4).model
+    volume = np.random.default_rng(1).normal(0, 1, (3, 40, 56)).astype(np.float32)
+    predict = {
+        tta: Predictor(model=model, intensity_policy=POLICY, tta=tta).predict
+        for tta in ("none", "flip")
+    }
+
+    def probs(tta: str, v: np.ndarray) -> np.ndarray:
+        return predict[tta](v, return_probabilities=True).probabilities
+
+    for axis in (-1, -2):
+        mirrored = np.ascontiguousarray(np.flip(volume, axis))
+        assert not np.allclose(probs("none", mirrored), np.flip(probs("none", volume), axis))
+        np.testing.assert_allclose(
+            probs("flip", mirrored), np.flip(probs("flip", volume), axis), atol=1e-5
+        )
+    flipped = predict["flip"](volume, return_probabilities=True)
+    assert np.array_equal(flipped.labels, flipped.probabilities.argmax(0))
+    assert not np.array_equal(flipped.probabilities, probs("none", volume))
+
+
+def test_flip_tta_with_a_shared_prefix_equals_each_predictor_alone():
+    models = [_tiny_model(5).model, _tiny_model(6, stages=1, backbone_seed=5).model]
+    predictors = [Predictor(model=m, intensity_policy=POLICY, tta="flip") for m in models]
+    plain = Predictor(model=models[0], intensity_policy=POLICY)
+    assert shared_prefix_groups([*predictors, plain]) == [[0, 1], [2]]
+    volume = np.random.default_rng(2).normal(0, 1, (4, 36, 44)).astype(np.float32)
+    for predictor, prediction in zip(predictors, predict_shared(predictors, volume), strict=True):
+        assert np.array_equal(prediction.labels, predictor(volume))
+    with pytest.raises(ConfigError, match="needs the slices"):
+        predictors[0].predict_from_prefix(torch.zeros(1, 8, 4, 4), (36, 44))
+    with pytest.raises(ConfigError, match="test-time augmentation 'rot90'"):
+        Predictor(model=models[0], intensity_policy=None, tta="rot90")
+
+
 # --------------------------------------------------------------------------------------------
 # evaluate_cases
 # --------------------------------------------------------------------------------------------

@@ -82,6 +82,14 @@ def test_config_differences_name_what_a_run_was_trained_with():
     # Resolved during training when left empty (here the class noise levels).
     stored["model"]["class_noise_std"] = [0.1, 0.35]
     assert config_differences(stored, cfg) == []
+    # precision auto: the run records what it resolved to on its hardware.
+    for resolved in ("fp32", "bf16"):
+        stored["train"]["precision"] = resolved
+        assert config_differences(stored, config("train.precision=auto")) == []
+    assert config_differences(stored, config("train.precision=fp32")) == [
+        "train.precision: 'bf16' in the run, 'fp32' now"
+    ]
+    stored["train"]["precision"] = cfg.train.precision
     # A field added to hsam after the run was trained counts as its default.
     del stored["train"]["compile"]
     assert config_differences(stored, cfg) == []

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from conftest import MR_POLICY, make_checkpoint, shared_data_dir
+from hsam.apps.cli import main as cli_main
 from hsam.apps.evaluate import (
     INFO_FILE,
     REPORT_FILES,
@@ -353,6 +354,11 @@ def test_largest_component_postprocessing_is_what_gets_scored(
         for m in ("none", "largest_component")
     )
     np.testing.assert_array_equal(kept, keep_largest_component(raw, 3))
+    infos = {m: json.loads((runs[m] / INFO_FILE).read_text()) for m in runs}
+    assert [(i["postprocess"], i["tta"]) for i in infos.values()] == [
+        ("none", "none"),
+        ("largest_component", "none"),
+    ]
     rows = {m: read_per_case_csv(runs[m] / "per_case.csv") for m in runs}
     pairs = zip(rows["none"], rows["largest_component"], strict=True)
     assert all(b["pred_voxels"] <= a["pred_voxels"] for a, b in pairs)
@@ -364,6 +370,26 @@ def test_largest_component_postprocessing_is_what_gets_scored(
             out_dir=tmp_path / "x",
             postprocess="median",
         )
+
+
+def test_cli_flip_tta_is_scored_and_recorded(tmp_path, acdc_checkpoint, acdc_root, acdc_list):
+    """`hsam evaluate --tta flip` scores the flip-averaged prediction and says so in the
+    evaluation record."""
+    outs = {}
+    for tta in ("none", "flip"):
+        outs[tta] = tmp_path / tta
+        argv = ["evaluate", "--checkpoint", str(acdc_checkpoint), "--data", str(acdc_root)]
+        argv += ["--split", str(acdc_list), "--out", str(outs[tta]), "--device", "cpu"]
+        assert cli_main([*argv, "--tta", tta, "--save-predictions"]) == 0
+        assert json.loads((outs[tta] / INFO_FILE).read_text())["tta"] == tta
+    case_id = read_list(acdc_list)[0]
+    none, flip = (
+        np.asarray(nib.load(str(outs[t] / "predictions" / f"{case_id}.nii.gz")).dataobj)
+        for t in ("none", "flip")
+    )
+    assert not np.array_equal(none, flip)
+    with pytest.raises(SystemExit):
+        cli_main(["evaluate", "--checkpoint", str(acdc_checkpoint), "--out", "x", "--tta", "rot"])
 
 
 def test_saved_predictions_keep_the_nifti_header(tmp_path):

@@ -9,6 +9,7 @@ must come back where it is.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import nibabel as nib
@@ -36,7 +37,7 @@ from conftest import (
 from hsam.apps.predict import plan_outputs, predict_files
 from hsam.build import build_hsam
 from hsam.config import ModelConfig
-from hsam.devices import resolve_device
+from hsam.devices import native_bf16, resolve_device, resolve_precision
 from hsam.errors import CheckpointError, ConfigError, DataError, OutputExistsError
 from hsam.inference.predictor import Predictor, checkpoint_label_names
 from hsam.io.checkpoint import save_checkpoint
@@ -127,6 +128,25 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_precision_auto_is_bf16_only_on_bf16_hardware(monkeypatch, caplog):
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if native_bf16(cpu) else "fp32")
+    assert resolve_precision("fp32", cpu) == "fp32"
+    with pytest.raises(ConfigError, match="precision must be one of auto, fp32, bf16"):
+        resolve_precision("fp16", cpu)
+    # A CPU without bf16 units (AVX2 only): auto is fp32, an explicit bf16 stays but warns.
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert not native_bf16(cpu)
+    assert resolve_precision("auto", cpu) == "fp32"
+    with caplog.at_level(logging.WARNING, logger="hsam.devices"):
+        assert resolve_precision("bf16", cpu) == "bf16"
+    assert "no native bf16 support" in caplog.text
+    model = build_hsam(ModelConfig(backbone="tiny", image_size=32, num_classes=1)).model
+    assert Predictor(model=model, intensity_policy=None, precision="auto").precision == "fp32"
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert Predictor(model=model, intensity_policy=None, precision="auto").precision == "bf16"
 
 
 def test_label_names_accept_int_and_str_keys():

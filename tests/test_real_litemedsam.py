@@ -23,6 +23,7 @@ from hsam.data.slices import resize_label
 from hsam.engine.prefix_cache import PrefixCache
 from hsam.engine.trainer import run_training
 from hsam.evaluation.metrics import dice
+from hsam.inference.predictor import Predictor, predict_shared
 from hsam.inference.slicewise import labels_from_probabilities
 
 pytestmark = pytest.mark.slow
@@ -99,6 +100,20 @@ def test_cached_embeddings_equal_eval_mode_embeddings(fresh_lite_model):
         reference = model.encode(x)
     assert not model.image_encoder.training
     torch.testing.assert_close(cached, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_flip_tta_with_a_shared_prefix_equals_the_predictor_alone(fresh_lite_model):
+    """Flip TTA through the shared encoder prefix (evaluation, the few-shot table) gives the
+    labels of the plain path on the real TinyViT, whose BatchNorm stays in eval mode."""
+    case = _la_case()
+    d = case.foreground_slices()[0]
+    volume = case.image[d : d + 2]
+    predictor = Predictor(model=fresh_lite_model, intensity_policy=None, tta="flip")
+    before = _batchnorm_buffers(fresh_lite_model)
+    (shared,) = predict_shared([predictor], volume)
+    assert np.array_equal(shared.labels, predictor(volume))
+    for key, value in before.items():
+        assert torch.equal(value, _batchnorm_buffers(fresh_lite_model)[key]), key
 
 
 def _round_trip_dice(case, size: int) -> float:

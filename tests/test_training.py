@@ -18,6 +18,7 @@ import yaml
 from conftest import tiny_run_config
 from hsam.apps.cli import main
 from hsam.config import load_run_config
+from hsam.devices import resolve_precision
 from hsam.engine.losses import learning_rate, schedule_epoch, soft_dice_loss, stage1_weight
 from hsam.engine.trainer import run_training
 from hsam.errors import ConfigError, DataError, OutputExistsError
@@ -153,19 +154,22 @@ def test_resume_reaches_the_same_weights(tmp_path, stop_after):
 
 
 def test_training_leaves_the_callers_config_as_it_was(tmp_path):
-    """The class noise stds the run computes go to config.yaml and the checkpoints, not into
-    the config object the caller passed (which may be reused for another run)."""
+    """What the run resolves (the class noise stds, precision auto) goes to config.yaml and
+    the checkpoints, not into the config object the caller passed (which may be reused for
+    another run)."""
     from hsam.config import to_dict
 
-    cfg = load_run_config(tiny_run_config(tmp_path, epochs=1))
+    cfg = load_run_config(tiny_run_config(tmp_path, epochs=1), ["train.precision=auto"])
     assert cfg.model.class_noise_std is None
     before = to_dict(cfg)
     result = run_training(cfg, tmp_path / "run")
     assert to_dict(cfg) == before
     stored = yaml.safe_load((result.run_dir / "config.yaml").read_text())
     assert len(stored["model"]["class_noise_std"]) == 2
+    assert stored["train"]["precision"] == resolve_precision("auto", torch.device("cpu"))
     final = torch.load(result.final_checkpoint, weights_only=True)
     assert final["config"]["model"]["class_noise_std"] == stored["model"]["class_noise_std"]
+    assert final["config"]["train"]["precision"] == stored["train"]["precision"]
     # ...so the same object trains the same run again
     again = run_training(cfg, tmp_path / "again")
     assert to_dict(cfg) == before

@@ -389,7 +389,9 @@ class TrainConfig:
     # progress mapped onto N schedule epochs, per optimiser step, so a short run goes through
     # the whole curve (a 4-epoch run otherwise never leaves the start weight 0.40) [ours].
     stage_weight_horizon: int | None = None
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # auto: bf16 where the hardware has it (GPU bf16 units, AVX-512/AMX CPU), else fp32;
+    # config.yaml and checkpoints record what the run resolved it to.
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
     device: str = "auto"
     seed: int = 2345
     # Validate on the carved validation volumes every N epochs (and at the last epoch).
@@ -450,8 +452,9 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> R
 
 # Fields that do not change what a run trains: where it is evaluated and on which device.
 _NOT_TRAINING = frozenset({"data.test_list", "train.device"})
-# Fields a run fills in when the config leaves them empty (null): the class noise levels.
-_RESOLVED_IN_TRAINING = frozenset({"model.class_noise_std"})
+# Fields a run fills in when the config leaves them unresolved (this value): the class noise
+# levels and the precision "auto" (resolved for the run's hardware).
+_RESOLVED_IN_TRAINING = {"model.class_noise_std": None, "train.precision": "auto"}
 # The stage weight mixes the losses of two stages: a one-stage model never uses it.
 _TWO_STAGE_ONLY = frozenset({"train.stage_weight_schedule", "train.stage_weight_horizon"})
 
@@ -460,9 +463,9 @@ def config_differences(stored: dict[str, Any], cfg: RunConfig) -> list[str]:
     """Fields where a run's stored config (its config.yaml) differs from `cfg`, each as
     ``"train.epochs: 4 in the run, 8 now"``.
 
-    Not compared: fields a run resolves when `cfg` leaves them empty (the class noise
-    levels), fields that do not change what is trained (test list, device) and, for a
-    one-stage model, the stage weight. A field `stored` lacks was added to hsam after the
+    Not compared: fields a run resolves when `cfg` leaves them unresolved (the class noise
+    levels, precision auto), fields that do not change what is trained (test list, device)
+    and, for a one-stage model, the stage weight. A field `stored` lacks was added to hsam after the
     run; it counts as its default, the behaviour from before the field existed."""
     # Through YAML, as config.yaml was written, so tuples compare as lists.
     wanted = yaml.safe_load(dump_yaml(to_dict(cfg)))
@@ -477,7 +480,8 @@ def config_differences(stored: dict[str, Any], cfg: RunConfig) -> list[str]:
             if isinstance(value, dict):
                 walk(value, have.get(key), default.get(key) or {}, field + ".")
                 continue
-            if field in ignored or (value is None and field in _RESOLVED_IN_TRAINING):
+            unresolved = field in _RESOLVED_IN_TRAINING and value == _RESOLVED_IN_TRAINING[field]
+            if field in ignored or unresolved:
                 continue
             trained = have.get(key, default.get(key))
             if value != trained:

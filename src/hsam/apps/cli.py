@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 from hsam.config import ModelConfig
-from hsam.devices import configure_cpu_allocator
+from hsam.devices import PRECISIONS, configure_cpu_allocator
 from hsam.errors import HSAMError
 from hsam.inference.postprocess import POSTPROCESS_CHOICES
+from hsam.inference.slicewise import TTA_FLIPS
 from hsam.inference.volume_check import DEFAULT_FACTOR
 
 logger = logging.getLogger("hsam")
@@ -107,6 +108,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         save_predictions=args.save_predictions,
         volume_factor=args.volume_factor,
         postprocess=args.postprocess,
+        tta=args.tta,
     )
     mean = summary["policies"]["legacy"]["mean"]
     logger.info(
@@ -136,6 +138,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         backbone_weights=args.backbone_weights,
         volume_factor=args.volume_factor,
         postprocess=args.postprocess,
+        tta=args.tta,
     )
     logger.info("wrote %d file(s) under %s", len(written), args.output)
     return 0
@@ -151,7 +154,12 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=PRECISIONS,
+        help="auto: bf16 where the device has bf16 hardware, else fp32 (default fp32)",
+    )
     parser.add_argument(
         "--backbone-weights", help="SAM checkpoint file if it moved since training (sha256 checked)"
     )
@@ -162,6 +170,13 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
         default="none",
         help="largest_component: each class keeps its largest 3-D connected component "
         "(labels only; default none)",
+    )
+    parser.add_argument(
+        "--tta",
+        choices=tuple(TTA_FLIPS),
+        default="none",
+        help="test-time augmentation: flip averages the probabilities over the identity, "
+        "left-right, up-down and both flips of each slice (4x slower; default none)",
     )
     parser.add_argument(
         "--volume-factor",

@@ -66,6 +66,7 @@ from hsam.inference.predictor import (
     check_batch_size,
     check_postprocess,
     check_precision,
+    check_tta,
     check_volume_factor,
     normalize_stage,
 )
@@ -270,6 +271,7 @@ def evaluate_checkpoint(
     progress: bool = True,
     volume_factor: float | None = DEFAULT_FACTOR,
     postprocess: str = "none",
+    tta: str = "none",
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on a labelled split and write the reports into ``out_dir``.
 
@@ -281,7 +283,7 @@ def evaluate_checkpoint(
         stage: ``1``, ``2`` or ``"fused"``.
         batch_size: slices per forward pass.
         device: ``"auto"``, ``"cpu"``, ``"cuda[:N]"``.
-        precision: ``"fp32"`` or ``"bf16"``.
+        precision: ``"fp32"``, ``"bf16"`` or ``"auto"`` (bf16 where the device has bf16 hardware).
         nsd_tolerance_mm: NSD tolerance in mm (one value, or one per class 1..K).
         overwrite: replace existing reports/predictions instead of refusing.
         backbone_weights: SAM weights file, if not where training found it.
@@ -296,6 +298,8 @@ def evaluate_checkpoint(
             range; None or 0 turns it off. Checkpoints without the range are not checked.
         postprocess: ``"none"`` or ``"largest_component"`` (:mod:`hsam.inference.postprocess`),
             applied to each predicted volume before it is scored (and saved).
+        tta: test-time augmentation, ``"none"`` or ``"flip"`` (probabilities averaged over
+            the identity, left-right, up-down and both flips of each slice; 4x the compute).
 
     Returns:
         The summary written to ``summary.json`` (:func:`hsam.evaluation.reports.summarize`'s
@@ -311,6 +315,7 @@ def evaluate_checkpoint(
     batch_size = check_batch_size(batch_size)
     volume_factor = check_volume_factor(volume_factor)
     check_postprocess(postprocess)
+    check_tta(tta)
     out = Path(out_dir)
     report_paths = [out / name for name in (*REPORT_FILES, INFO_FILE)]
     if not overwrite:
@@ -325,6 +330,7 @@ def evaluate_checkpoint(
         batch_size=batch_size,
         precision=prec,
         postprocess=postprocess,
+        tta=tta,
     )
     loaded = predictor.loaded
     assert loaded is not None  # from a checkpoint
@@ -349,15 +355,16 @@ def evaluate_checkpoint(
         refuse_existing(pred_paths.values())
     source = f"{fmt} data at {root}"
     logger.info(
-        "evaluating %s on %d case(s) of %s (%s; stage %s, %s, %s, intensity %s)",
+        "evaluating %s on %d case(s) of %s (%s; stage %s, %s, %s, intensity %s, tta %s)",
         checkpoint,
         len(ids),
         source,
         ids_from,
         stage,
-        prec,
+        predictor.precision,
         predictor.device,
         predictor.intensity_policy,
+        tta,
     )
     predictor.log_volume_check(volume_factor)
 
@@ -434,10 +441,12 @@ def evaluate_checkpoint(
             "data": {"format": fmt, "root": str(root), "split": split, "ids_from": ids_from},
             "cases": per_case,
             "stage": stage,
-            "precision": prec,
+            "precision": predictor.precision,
             "device": str(predictor.device),
             "batch_size": batch_size,
             "intensity_policy": predictor.intensity_policy,
+            "postprocess": postprocess,
+            "tta": tta,
             "nsd_tolerance_mm": nsd_tolerance_mm
             if isinstance(nsd_tolerance_mm, (int, float))
             else list(nsd_tolerance_mm),

@@ -64,6 +64,7 @@ from hsam.inference.predictor import (
     check_batch_size,
     check_postprocess,
     check_precision,
+    check_tta,
     check_volume_factor,
     normalize_stage,
 )
@@ -295,6 +296,7 @@ def predict_files(
     progress: bool = True,
     volume_factor: float | None = DEFAULT_FACTOR,
     postprocess: str = "none",
+    tta: str = "none",
 ) -> list[Path]:
     """Segment volume files with ``checkpoint`` and write label maps on the inputs' grids.
 
@@ -307,7 +309,8 @@ def predict_files(
         stage: ``1``, ``2`` or ``"fused"`` (the paper's output).
         batch_size: slices per forward pass.
         device: ``"auto"`` (cuda if available, else cpu), ``"cpu"``, ``"cuda[:N]"``.
-        precision: ``"fp32"`` or ``"bf16"`` (autocast).
+        precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"auto"`` (bf16 where the device
+            has bf16 hardware, else fp32).
         probabilities: also write ``<stem>_prob<ext>``: float32 softmax probabilities, a 4-D
             image with the class (0 = background) as the last ITK axis. Memory: T x the
             volume's voxel count x 4 bytes.
@@ -324,6 +327,8 @@ def predict_files(
         postprocess: ``"none"`` or ``"largest_component"`` (each class keeps its largest 3-D
             connected component; :mod:`hsam.inference.postprocess`). Applied to the labels only (the
             probabilities are the model's).
+        tta: test-time augmentation, ``"none"`` or ``"flip"`` (probabilities averaged over
+            the identity, left-right, up-down and both flips of each slice; 4x the compute).
 
     Returns:
         The files written, per input: label map, then probabilities and overlay if asked.
@@ -338,6 +343,7 @@ def predict_files(
     batch_size = check_batch_size(batch_size)
     volume_factor = check_volume_factor(volume_factor)
     check_postprocess(postprocess)
+    check_tta(tta)
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     if not inputs:
@@ -360,15 +366,17 @@ def predict_files(
         batch_size=batch_size,
         precision=prec,
         postprocess=postprocess,
+        tta=tta,
     )
     logger.info(
-        "predicting %d input(s) with %s on %s (stage %s, %s, intensity %s)",
+        "predicting %d input(s) with %s on %s (stage %s, %s, intensity %s, tta %s)",
         len(targets),
         checkpoint,
         predictor.device,
         stage,
-        prec,
+        predictor.precision,
         predictor.intensity_policy,
+        tta,
     )
     predictor.log_volume_check(volume_factor)
     written: list[Path] = []

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from hsam.build import build_hsam
 from hsam.config import RunConfig, TrainConfig
 from hsam.data import SliceDataset
+from hsam.devices import resolve_precision
 from hsam.engine.data import RunData, build_run_data
 from hsam.inference.slicewise import encode_volume_prefix
 from hsam.modeling.hsam import HSAM
@@ -122,7 +123,7 @@ class PrefixCache:
             stop_unit=model.first_trainable_unit,
             batch_size=train.inference_batch_size,
             device=device,
-            bf16=train.precision == "bf16",
+            bf16=resolve_precision(train.precision, device) == "bf16",
             show_progress=show_progress,
         )
 

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from hsam.build import BuiltModel, build_hsam
 from hsam.config import RunConfig, TrainConfig
 from hsam.data import SliceDataset
-from hsam.devices import check_compile_supported
+from hsam.devices import check_compile_supported, resolve_precision
 from hsam.engine.data import RunData, build_run_data
 from hsam.engine.distributed import ProcessInfo
 from hsam.engine.losses import learning_rate, schedule_epoch, stage1_weight
@@ -45,17 +45,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_config(cfg: RunConfig, data: RunData) -> RunConfig:
-    """`cfg` with what the run computes from its data filled in (the class noise stds of a
-    two-stage paper-CMAttn model left empty); a new object, `cfg` stays as the caller made it.
-    The result is what config.yaml and every checkpoint record."""
+def resolve_config(cfg: RunConfig, data: RunData, device: torch.device) -> RunConfig:
+    """`cfg` with what the run computes from its data and hardware filled in (the class noise
+    stds of a two-stage paper-CMAttn model left empty; precision auto); a new object, `cfg`
+    stays as the caller made it. The result is what config.yaml and every checkpoint record."""
     mcfg = cfg.model
     if mcfg.stages == 2 and mcfg.cmattn == "paper" and mcfg.class_noise_std is None:
         std = class_noise_std_from_frequencies(
             data.class_frequencies.tolist(), mcfg.cmattn_noise_max_std
         )
-        return dataclasses.replace(cfg, model=dataclasses.replace(mcfg, class_noise_std=std))
-    return cfg
+        mcfg = dataclasses.replace(mcfg, class_noise_std=std)
+    precision = resolve_precision(cfg.train.precision, device)
+    return dataclasses.replace(
+        cfg, model=mcfg, train=dataclasses.replace(cfg.train, precision=precision)
+    )
 
 
 class MicroBatches:
@@ -209,7 +212,8 @@ def build_run_parts(
     tcfg = cfg.train
     seed_everything(tcfg.seed)
     data = build_run_data(cfg.data, tcfg, cfg.model.image_size, num_classes=cfg.model.num_classes)
-    cfg = resolve_config(cfg, data)
+    cfg = resolve_config(cfg, data, process.device)
+    tcfg = cfg.train
     built = build_hsam(cfg.model, seed=tcfg.seed)
     model = built.model.to(process.device)
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -34,12 +34,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hsam.devices import resolve_device
+from hsam.devices import PRECISIONS, resolve_device, resolve_precision
 from hsam.errors import CheckpointError, ConfigError, DataError
 from hsam.inference.postprocess import POSTPROCESS_CHOICES, postprocess_labels
 from hsam.inference.slicewise import (
+    TTA_FLIPS,
     Precision,
     Stage,
+    TestTimeAugmentation,
     predict_from_prefix,
     predict_volume,
     predict_volume_shared_prefix,
@@ -63,6 +65,7 @@ __all__ = [
     "check_batch_size",
     "check_postprocess",
     "check_precision",
+    "check_tta",
     "check_volume_factor",
     "checkpoint_label_names",
     "normalize_stage",
@@ -82,10 +85,20 @@ def normalize_stage(stage: str | int) -> Stage:
     return value  # type: ignore[return-value]
 
 
-def check_precision(precision: str) -> Precision:
-    if precision not in ("fp32", "bf16"):
-        raise ConfigError(f"precision must be 'fp32' or 'bf16', got {precision!r}.")
-    return precision  # type: ignore[return-value]
+def check_precision(precision: str) -> str:
+    """`precision` if it is ``auto``, ``fp32`` or ``bf16`` (ConfigError otherwise)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+    return precision
+
+
+def check_tta(tta: str) -> TestTimeAugmentation:
+    """`tta` if it names a test-time augmentation (``none``, ``flip``), else a ConfigError."""
+    if tta not in TTA_FLIPS:
+        raise ConfigError(
+            f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA_FLIPS)}."
+        )
+    return tta  # type: ignore[return-value]
 
 
 def check_postprocess(method: str) -> str:
@@ -168,6 +181,7 @@ class Predictor:
         batch_size: int = 8,
         precision: str = "fp32",
         postprocess: str = "none",
+        tta: str = "none",
         volume_ranges: Mapping[int, tuple[float, float]] | None = None,
         checkpoint: Path | None = None,
         loaded: LoadedCheckpoint | None = None,
@@ -182,9 +196,12 @@ class Predictor:
           label_names: ``{0: "background", 1..K: name}`` (default ``class_<c>``).
           stage: ``1``, ``2`` or ``"fused"`` (the paper's output).
           batch_size: slices per forward pass.
-          precision: ``"fp32"`` or ``"bf16"`` (autocast).
+          precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"auto"`` (bf16 where the model's
+            device has bf16 hardware, else fp32: :func:`hsam.devices.resolve_precision`).
           postprocess: ``"none"`` or ``"largest_component"`` (:mod:`hsam.inference.postprocess`),
             applied to the labels (the probabilities stay the model's).
+          tta: test-time augmentation: ``"none"`` or ``"flip"`` (probabilities averaged over
+            the identity, left-right, up-down and both flips of each slice; 4x the compute).
           volume_ranges: per-class training range of the volume fraction, for
             :meth:`check_volumes` (None: sizes are not checked).
           checkpoint, loaded: the file the model came from and its loaded content (config,
@@ -199,8 +216,11 @@ class Predictor:
         self.intensity_policy = intensity_policy
         self.stage: Stage = normalize_stage(stage)
         self.batch_size = check_batch_size(batch_size)
-        self.precision: Precision = check_precision(precision)
+        self.precision: Precision = resolve_precision(  # type: ignore[assignment]
+            check_precision(precision), next(model.parameters()).device
+        )
         self.postprocess = check_postprocess(postprocess)
+        self.tta: TestTimeAugmentation = check_tta(tta)
         #: Foreground classes K (the model predicts labels 0..K from its T = K + 1 tokens).
         self.num_classes = int(model.num_tokens) - 1
         self.label_names = checkpoint_label_names(
@@ -222,6 +242,7 @@ class Predictor:
         batch_size: int = 8,
         precision: str = "fp32",
         postprocess: str = "none",
+        tta: str = "none",
     ) -> Predictor:
         """Load ``checkpoint`` (written by ``hsam train``) for inference on ``device``.
 
@@ -232,8 +253,8 @@ class Predictor:
                 time (its sha256 must match the one recorded in the checkpoint).
             intensity_policy: override of ``meta["intensity_policy"]`` (e.g.
                 ``"ct_window[-125,275]"``); needed only for checkpoints that lack it.
-            stage, batch_size, precision, postprocess: as in the constructor; stage 2 needs a
-                two-stage model.
+            stage, batch_size, precision, postprocess, tta: as in the constructor; stage 2
+                needs a two-stage model.
 
         Raises:
             CheckpointError: unreadable checkpoint, backbone mismatch, no intensity policy.
@@ -268,6 +289,7 @@ class Predictor:
             batch_size=batch_size,
             precision=precision,
             postprocess=postprocess,
+            tta=tta,
             volume_ranges=ranges_from_meta(loaded.meta, k),
             checkpoint=Path(checkpoint),
             loaded=loaded,
@@ -308,6 +330,7 @@ class Predictor:
             batch_size=self.batch_size,
             stage=self.stage,
             precision=self.precision,
+            tta=self.tta,
             return_probabilities=return_probabilities,
         )
         return Prediction(self.finish(labels), probs, image)
@@ -320,7 +343,12 @@ class Predictor:
         """``(D, H, W)`` labels from the frozen encoder prefix of every slice (``(D, ...)``,
         :func:`hsam.inference.slicewise.encode_volume_prefix`; e.g. a training run's cached
         validation volumes): the same labels as :meth:`predict` on the volume, prefix not
-        recomputed."""
+        recomputed. Without test-time augmentation only (the flips need the slices)."""
+        if self.tta != "none":
+            raise ConfigError(
+                f"test-time augmentation {self.tta!r} needs the slices, not their cached encoder "
+                "prefix; use predict() or a predictor with tta='none'."
+            )
         labels = predict_from_prefix(
             self.model,
             features,
@@ -388,7 +416,7 @@ def _frozen_encoder_tensors(model: HSAM) -> list[Tensor]:
 
 def _same_prefix(a: Predictor, b: Predictor) -> bool:
     """Whether `b` can finish `a`'s prefix features with the same inputs and settings."""
-    settings = ("intensity_policy", "stage", "batch_size", "precision")
+    settings = ("intensity_policy", "stage", "batch_size", "precision", "tta")
     if any(getattr(a, s) != getattr(b, s) for s in settings) or a.prefix_units != b.prefix_units:
         return False
     if a.model is b.model:
@@ -432,6 +460,7 @@ def predict_shared(
             batch_size=lead.batch_size,
             stage=lead.stage,
             precision=lead.precision,
+            tta=lead.tta,
         )
         for i, raw in zip(group, labels, strict=True):
             out[i] = Prediction(predictors[i].finish(raw), None, image)

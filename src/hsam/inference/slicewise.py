@@ -14,6 +14,14 @@ from hsam.modeling.hsam import HSAM, HSAMOutput
 
 Stage = Literal["1", "2", "fused"]
 Precision = Literal["fp32", "bf16"]
+TestTimeAugmentation = Literal["none", "flip"]
+
+#: The flips each test-time augmentation averages over (dims of a (B, C, H, W) batch); ``flip``
+#: is nnU-Net's 2-D mirroring: identity, left-right, up-down and both.
+TTA_FLIPS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "none": ((),),
+    "flip": ((), (-1,), (-2,), (-2, -1)),
+}
 
 
 def stage_probabilities(output: HSAMOutput, stage: Stage) -> torch.Tensor:
@@ -27,6 +35,28 @@ def stage_probabilities(output: HSAMOutput, stage: Stage) -> torch.Tensor:
     if output.stage2_logits is None:
         raise ValueError("stage 2 was requested from a one-stage model; use stage 1 or fused.")
     return output.stage2_logits.softmax(1)
+
+
+def _flipped(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    return x.flip(dims) if dims else x
+
+
+def tta_probabilities(
+    forward: Callable[[torch.Tensor], HSAMOutput],
+    x: torch.Tensor,
+    *,
+    stage: Stage,
+    tta: TestTimeAugmentation = "none",
+) -> torch.Tensor:
+    """(B, T, S, S) float32 probabilities of `stage` for input slices x (B, 1, S, S): the mean
+    over `tta`'s flips of ``forward(flipped x)``'s probabilities, each flipped back."""
+    flips = TTA_FLIPS[tta]
+    total = None
+    for dims in flips:
+        probs = _flipped(stage_probabilities(forward(_flipped(x, dims)), stage).float(), dims)
+        total = probs if total is None else total + probs
+    assert total is not None
+    return total / len(flips)
 
 
 def _slice_batches(
@@ -81,13 +111,15 @@ def predict_volume(
     batch_size: int = 8,
     stage: Stage = "fused",
     precision: Precision = "fp32",
+    tta: TestTimeAugmentation = "none",
     return_probabilities: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Segment a (D, H, W) volume in [0, 1] slice by slice (every slice, empty ones too).
 
-    Slices are resized (bilinear) to the model's S and predicted in batches; the class
-    probabilities are resized back (bilinear) to (H, W) and the labels are their argmax.
+    Slices are resized (bilinear) to the model's S and predicted in batches (averaged over
+    `tta`'s flips); the class probabilities are resized back (bilinear) to (H, W) and the
+    labels are their argmax.
 
     Returns:
       labels (D, H, W) uint8 (uint16 above 256 classes), and (T, D, H, W) float32
@@ -103,8 +135,8 @@ def predict_volume(
     batches = _slice_batches(volume, model.image_size, batch_size, device, model.test_input_size)
     for index, x in batches:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            out = model(x)
-        probs = probabilities_to_grid(stage_probabilities(out, stage).float(), (h, w))
+            probs = tta_probabilities(model, x, stage=stage, tta=tta)
+        probs = probabilities_to_grid(probs, (h, w))
         labels[index] = probs.argmax(1).cpu().numpy()
         if probs_out is not None:
             probs_out[:, index] = probs.transpose(0, 1).cpu().numpy()
@@ -168,22 +200,29 @@ def predict_volume_shared_prefix(
     batch_size: int = 8,
     stage: Stage = "fused",
     precision: Precision = "fp32",
+    tta: TestTimeAugmentation = "none",
 ) -> list[np.ndarray]:
     """Like `predict_volume` for several models that share their first `prefix_units` frozen
     encoder units (same backbone weights, LoRA only after them): the prefix runs once per
-    slice. Returns one (D, H, W) label volume per model."""
+    slice (and flip). Returns one (D, H, W) label volume per model."""
     device = next(models[0].parameters()).device
     _, h, w = volume.shape
     outputs = [np.zeros(volume.shape, dtype=_label_dtype(m.num_tokens)) for m in models]
     for model in models:
         model.eval()
     size, input_size = models[0].image_size, models[0].test_input_size
+    flips = TTA_FLIPS[tta]
     for index, x in _slice_batches(volume, size, batch_size, device, input_size):
+        sums: list[torch.Tensor | None] = [None] * len(models)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            prefix = models[0].encode_prefix(x, prefix_units)
-            for model, labels in zip(models, outputs, strict=True):
-                out = model(prefix, start_unit=prefix_units)
-                labels[index] = labels_from_probabilities(
-                    stage_probabilities(out, stage).float(), (h, w)
-                )
+            for dims in flips:
+                prefix = models[0].encode_prefix(_flipped(x, dims), prefix_units)
+                for i, model in enumerate(models):
+                    out = model(prefix, start_unit=prefix_units)
+                    probs = _flipped(stage_probabilities(out, stage).float(), dims)
+                    sums[i] = probs if sums[i] is None else sums[i] + probs
+        for labels, total in zip(outputs, sums, strict=True):
+            assert total is not None
+            # The mean's argmax is the sum's: no division needed for labels.
+            labels[index] = labels_from_probabilities(total, (h, w))
     return outputs
