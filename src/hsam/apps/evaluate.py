@@ -60,16 +60,7 @@ from hsam.data.formats import FORMATS, detect_format
 from hsam.errors import CheckpointError, ConfigError, DataError
 from hsam.evaluation.reports import write_reports
 from hsam.evaluation.scoring import evaluate_cases
-from hsam.inference.predictor import (
-    Prediction,
-    Predictor,
-    check_batch_size,
-    check_postprocess,
-    check_precision,
-    check_tta,
-    check_volume_factor,
-    normalize_stage,
-)
+from hsam.inference.predictor import InferenceOptions, Prediction, Predictor, check_volume_factor
 from hsam.inference.volume_check import DEFAULT_FACTOR
 from hsam.io.atomic import (
     atomic_write_text,
@@ -310,27 +301,20 @@ def evaluate_checkpoint(
         DataError: missing data, unknown split, unlabelled cases. OutputExistsError: outputs
         exist and not ``overwrite``. ConfigError: bad stage/device/precision.
     """
-    stage = normalize_stage(stage)
-    prec = check_precision(precision)
-    batch_size = check_batch_size(batch_size)
+    options = InferenceOptions(
+        stage=stage, batch_size=batch_size, precision=precision, postprocess=postprocess, tta=tta
+    )
     volume_factor = check_volume_factor(volume_factor)
-    check_postprocess(postprocess)
-    check_tta(tta)
     out = Path(out_dir)
     report_paths = [out / name for name in (*REPORT_FILES, INFO_FILE)]
     if not overwrite:
         refuse_existing(report_paths)
     check_writable_folder(out, "report folder")  # before the model is loaded or anything run
-    predictor = Predictor.from_checkpoint(
+    predictor = options.load(
         checkpoint,
         device=device,
         backbone_weights=backbone_weights,
         intensity_policy=intensity_policy,
-        stage=stage,
-        batch_size=batch_size,
-        precision=prec,
-        postprocess=postprocess,
-        tta=tta,
     )
     loaded = predictor.loaded
     assert loaded is not None  # from a checkpoint
@@ -360,11 +344,11 @@ def evaluate_checkpoint(
         len(ids),
         source,
         ids_from,
-        stage,
+        predictor.stage,
         predictor.precision,
         predictor.device,
         predictor.intensity_policy,
-        tta,
+        predictor.tta,
     )
     predictor.log_volume_check(volume_factor)
 
@@ -440,13 +424,13 @@ def evaluate_checkpoint(
             },
             "data": {"format": fmt, "root": str(root), "split": split, "ids_from": ids_from},
             "cases": per_case,
-            "stage": stage,
+            "stage": predictor.stage,
             "precision": predictor.precision,
             "device": str(predictor.device),
-            "batch_size": batch_size,
+            "batch_size": predictor.batch_size,
             "intensity_policy": predictor.intensity_policy,
-            "postprocess": postprocess,
-            "tta": tta,
+            "postprocess": predictor.postprocess,
+            "tta": predictor.tta,
             "nsd_tolerance_mm": nsd_tolerance_mm
             if isinstance(nsd_tolerance_mm, (int, float))
             else list(nsd_tolerance_mm),

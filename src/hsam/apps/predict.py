@@ -59,15 +59,7 @@ from tqdm.auto import tqdm
 
 from hsam.apps.overlay import render_overlay
 from hsam.errors import DataError
-from hsam.inference.predictor import (
-    Predictor,
-    check_batch_size,
-    check_postprocess,
-    check_precision,
-    check_tta,
-    check_volume_factor,
-    normalize_stage,
-)
+from hsam.inference.predictor import InferenceOptions, Predictor, check_volume_factor
 from hsam.inference.volume_check import DEFAULT_FACTOR, VolumeWarning
 from hsam.io.atomic import check_writable_folder, make_staging_dir, remove_stale_staging_dirs
 from hsam.io.images import (
@@ -338,12 +330,10 @@ def predict_files(
             name clashes. OutputExistsError: an output exists and not ``overwrite`` (checked for
             all inputs before anything is computed). CheckpointError, ConfigError.
     """
-    stage = normalize_stage(stage)
-    prec = check_precision(precision)
-    batch_size = check_batch_size(batch_size)
+    options = InferenceOptions(
+        stage=stage, batch_size=batch_size, precision=precision, postprocess=postprocess, tta=tta
+    )
     volume_factor = check_volume_factor(volume_factor)
-    check_postprocess(postprocess)
-    check_tta(tta)
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     if not inputs:
@@ -357,26 +347,21 @@ def predict_files(
         check_writable_folder(folder, "output folder")
     for t in targets:
         _check_header(t.input)
-    predictor = Predictor.from_checkpoint(
+    predictor = options.load(
         checkpoint,
         device=device,
         backbone_weights=backbone_weights,
         intensity_policy=intensity_policy,
-        stage=stage,
-        batch_size=batch_size,
-        precision=prec,
-        postprocess=postprocess,
-        tta=tta,
     )
     logger.info(
         "predicting %d input(s) with %s on %s (stage %s, %s, intensity %s, tta %s)",
         len(targets),
         checkpoint,
         predictor.device,
-        stage,
+        predictor.stage,
         predictor.precision,
         predictor.intensity_policy,
-        tta,
+        predictor.tta,
     )
     predictor.log_volume_check(volume_factor)
     written: list[Path] = []

@@ -60,6 +60,7 @@ from hsam.modeling.hsam import HSAM
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "InferenceOptions",
     "Prediction",
     "Predictor",
     "check_batch_size",
@@ -147,6 +148,46 @@ def checkpoint_label_names(meta: Mapping[str, Any], num_classes: int) -> dict[in
         if 0 <= idx <= num_classes:
             names[idx] = str(value)
     return names
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """The inference settings an application takes from its user (``hsam evaluate``,
+    ``hsam predict``), checked when made: before anything is loaded, read or written."""
+
+    stage: str | int = "fused"
+    batch_size: int = 8
+    precision: str = "fp32"
+    postprocess: str = "none"
+    tta: str = "none"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stage", normalize_stage(self.stage))
+        check_batch_size(self.batch_size)
+        check_precision(self.precision)
+        check_postprocess(self.postprocess)
+        check_tta(self.tta)
+
+    def load(
+        self,
+        checkpoint: str | os.PathLike,
+        *,
+        device: str = "auto",
+        backbone_weights: str | None = None,
+        intensity_policy: str | None = None,
+    ) -> Predictor:
+        """:meth:`Predictor.from_checkpoint` with these settings."""
+        return Predictor.from_checkpoint(
+            checkpoint,
+            device=device,
+            backbone_weights=backbone_weights,
+            intensity_policy=intensity_policy,
+            stage=self.stage,
+            batch_size=self.batch_size,
+            precision=self.precision,
+            postprocess=self.postprocess,
+            tta=self.tta,
+        )
 
 
 # --------------------------------------------------------------------------------------------
