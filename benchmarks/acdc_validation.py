@@ -64,19 +64,22 @@ def main(argv: list[str] | None = None) -> int:
     cases = validation_frames(Path(args.root), args.labelled_lines, args.every)
     logger.info("%d validation frames", len(cases))
     for checkpoint in args.checkpoints:
-        row = {}
-        for stage in args.stages:
-            for tta in args.tta:
+        variants: dict[str, Predictor] = {}
+        for tta in args.tta:
+            for stage in args.stages:
                 try:
                     predictor = Predictor.from_checkpoint(
-                        checkpoint, device="cpu", stage=stage, precision="bf16", tta=tta
+                        checkpoint, device="cpu", stage=stage, precision="auto", tta=tta
                     )
                 except ConfigError:  # a one-stage model has no stage 2
                     continue
-                scores = evaluate_cases(predictor, cases, metrics="dice")
-                dices = [s.dice for e in scores for s in e.scores]
-                key = stage if tta == "none" else f"{stage}+{tta}"
-                row[key] = round(100 * float(np.mean(dices)), 2)
+                variants[stage if tta == "none" else f"{stage}+{tta}"] = predictor
+        # One call: the variants share each slice's encoder prefix (per flip).
+        dices: dict[str, list[float]] = defaultdict(list)
+        for evaluation in evaluate_cases(list(variants.values()), cases, metrics="dice"):
+            for key, score in zip(variants, evaluation.scores, strict=True):
+                dices[key] += score.dice
+        row = {key: round(100 * float(np.mean(values)), 2) for key, values in dices.items()}
         logger.info("%s %s", checkpoint, row)
     return 0
 

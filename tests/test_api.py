@@ -169,12 +169,18 @@ def test_shared_prefix_predictions_equal_each_predictor_alone():
         postprocess="largest_component",
     )
     other = Predictor(model=_tiny_model(3).model, intensity_policy=POLICY, batch_size=2)
-    assert shared_prefix_groups([a, b, other]) == [[0, 1], [2]]
+    # The same model read at another stage shares the prefix (and the model runs once).
+    a_stages = [
+        Predictor(model=a.model, intensity_policy=POLICY, batch_size=2, stage=s) for s in (1, 2)
+    ]
+    everyone = [a, b, other, *a_stages]
+    assert shared_prefix_groups(everyone) == [[0, 1, 3, 4], [2]]
     volume = np.random.default_rng(0).normal(0, 1, (5, 50, 70)).astype(np.float32)
-    shared = predict_shared([a, b, other], volume)
-    for predictor, prediction in zip((a, b, other), shared, strict=True):
+    shared = predict_shared(everyone, volume)
+    for predictor, prediction in zip(everyone, shared, strict=True):
         assert np.array_equal(prediction.labels, predictor(volume))
     assert not np.array_equal(shared[0].labels, shared[2].labels)  # the models differ
+    assert not np.array_equal(shared[3].labels, shared[4].labels)  # and so do the stages
 
 
 def test_flip_tta_makes_the_prediction_mirror_with_the_input():

@@ -457,7 +457,7 @@ def _frozen_encoder_tensors(model: HSAM) -> list[Tensor]:
 
 def _same_prefix(a: Predictor, b: Predictor) -> bool:
     """Whether `b` can finish `a`'s prefix features with the same inputs and settings."""
-    settings = ("intensity_policy", "stage", "batch_size", "precision", "tta")
+    settings = ("intensity_policy", "batch_size", "precision", "tta")  # stages may differ
     if any(getattr(a, s) != getattr(b, s) for s in settings) or a.prefix_units != b.prefix_units:
         return False
     if a.model is b.model:
@@ -499,7 +499,7 @@ def predict_shared(
             image,
             prefix_units=lead.prefix_units,
             batch_size=lead.batch_size,
-            stage=lead.stage,
+            stage=[predictors[i].stage for i in group],
             precision=lead.precision,
             tta=lead.tta,
         )

@@ -198,13 +198,17 @@ def predict_volume_shared_prefix(
     *,
     prefix_units: int,
     batch_size: int = 8,
-    stage: Stage = "fused",
+    stage: Stage | Sequence[Stage] = "fused",
     precision: Precision = "fp32",
     tta: TestTimeAugmentation = "none",
 ) -> list[np.ndarray]:
     """Like `predict_volume` for several models that share their first `prefix_units` frozen
     encoder units (same backbone weights, LoRA only after them): the prefix runs once per
-    slice (and flip). Returns one (D, H, W) label volume per model."""
+    slice (and flip). `stage`: one for all models, or one per model; a model listed several
+    times (e.g. once per stage) runs once. Returns one (D, H, W) label volume per entry."""
+    stages = [stage] * len(models) if isinstance(stage, str) else list(stage)
+    if len(stages) != len(models):
+        raise ValueError(f"{len(stages)} stages for {len(models)} models.")
     device = next(models[0].parameters()).device
     _, h, w = volume.shape
     outputs = [np.zeros(volume.shape, dtype=_label_dtype(m.num_tokens)) for m in models]
@@ -217,9 +221,12 @@ def predict_volume_shared_prefix(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             for dims in flips:
                 prefix = models[0].encode_prefix(_flipped(x, dims), prefix_units)
+                finished: dict[int, HSAMOutput] = {}
                 for i, model in enumerate(models):
-                    out = model(prefix, start_unit=prefix_units)
-                    probs = _flipped(stage_probabilities(out, stage).float(), dims)
+                    if id(model) not in finished:
+                        finished[id(model)] = model(prefix, start_unit=prefix_units)
+                    out = finished[id(model)]
+                    probs = _flipped(stage_probabilities(out, stages[i]).float(), dims)
                     sums[i] = probs if sums[i] is None else sums[i] + probs
         for labels, total in zip(outputs, sums, strict=True):
             assert total is not None
