@@ -176,7 +176,8 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
         choices=tuple(TTA_FLIPS),
         default="none",
         help="test-time augmentation: flip averages the probabilities over the identity, "
-        "left-right, up-down and both flips of each slice (4x slower; default none)",
+        "left-right, up-down and both flips of each slice (4x slower; for models trained with "
+        "flips: it lowered Dice on ACDC for one trained without; default none)",
     )
     parser.add_argument(
         "--volume-factor",
