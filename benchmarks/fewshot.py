@@ -430,7 +430,8 @@ def render(
         f"- test: {len(test_ids)} volumes from `{args.test_list or d.test_list}`, 3-D, "
         "legacy policy (the paper's convention: Dice, HD95 in voxels); checkpoint chosen on "
         f"{' / '.join(selected)} ({_validation_note(Path(args.out), records)}).",
-        f"- machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+        f"- machine: {platform.processor() or platform.machine()} "
+        f"({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} "
         f"torch threads, torch {torch.__version__}; encoder prefix cache "
         f"{statistics.fmean(cache_seconds.values()) if cache_seconds else 0:.0f} s per seed "
         f"(shared by its runs); {_evaluation_note(eval_seconds, reused, len(records))}.",
