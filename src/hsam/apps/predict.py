@@ -135,6 +135,19 @@ def _check_header(path: Path) -> None:
         )
 
 
+def _target(
+    inp: Path, labels: Path, base: str, ext: str, *, probabilities: bool, overlay: bool
+) -> PredictionTarget:
+    """The outputs of `inp`: `labels`, and beside it ``<base>_prob<ext>`` / ``<base>_overlay.png``
+    when asked for."""
+    return PredictionTarget(
+        input=inp,
+        labels=labels,
+        probabilities=labels.with_name(base + PROBABILITY_SUFFIX + ext) if probabilities else None,
+        overlay=labels.with_name(base + OVERLAY_SUFFIX) if overlay else None,
+    )
+
+
 def _base_and_ext(path: Path) -> tuple[str, str]:
     ext = volume_extension(path)
     return path.name[: -len(ext)], ext
@@ -168,16 +181,7 @@ def plan_outputs(
         if out.resolve() == inp.resolve():
             raise DataError(f"output {out} is the input itself; choose another output path")
         base, ext = _base_and_ext(out)
-        targets.append(
-            PredictionTarget(
-                input=inp,
-                labels=out,
-                probabilities=out.with_name(base + PROBABILITY_SUFFIX + ext)
-                if probabilities
-                else None,
-                overlay=out.with_name(base + OVERLAY_SUFFIX) if overlay else None,
-            )
-        )
+        targets.append(_target(inp, out, base, ext, probabilities=probabilities, overlay=overlay))
     else:
         if out.exists() and not out.is_dir():
             raise DataError(
@@ -189,14 +193,7 @@ def plan_outputs(
             base, ext = _base_and_ext(labels)
             base = base[: -len(LABEL_SUFFIX)]
             targets.append(
-                PredictionTarget(
-                    input=inp,
-                    labels=labels,
-                    probabilities=labels.with_name(base + PROBABILITY_SUFFIX + ext)
-                    if probabilities
-                    else None,
-                    overlay=labels.with_name(base + OVERLAY_SUFFIX) if overlay else None,
-                )
+                _target(inp, labels, base, ext, probabilities=probabilities, overlay=overlay)
             )
     seen: dict[Path, Path] = {}
     input_files = {t.input.resolve() for t in targets}
