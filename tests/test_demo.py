@@ -27,6 +27,9 @@ def test_existing_output_is_refused(tmp_path):
 
 
 @pytest.mark.slow
+# It still caches, trains two models and evaluates a whole LA volume: 15 minutes (the default
+# limit) were not enough on a 2-core AVX2-only CPU in fp32 while other jobs shared the cores.
+@pytest.mark.timeout(2700)
 def test_demo_reduced_schedule_end_to_end(tmp_path):
     schedule = DemoSchedule(epochs=1, augmented_views=1, test_cases=1)
     result = run_demo(tmp_path / "demo", schedule=schedule)
