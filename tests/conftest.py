@@ -253,20 +253,21 @@ def write_dicom_series(image: sitk.Image, folder: Path, uid: str) -> None:
         writer.Execute(sl)
 
 
-def ellipsoid_label(rng: np.random.Generator) -> np.ndarray:
-    """(6, 40, 40) boolean ellipsoid at a random in-plane centre."""
-    zz, yy, xx = np.mgrid[:6, :40, :40]
+def ellipsoid_label(rng: np.random.Generator, width: int = 40) -> np.ndarray:
+    """(6, 40, width) boolean ellipsoid at a random in-plane centre (width >= 16)."""
+    zz, yy, xx = np.mgrid[:6, :40, :width]
     cy, cx = rng.integers(14, 26, size=2)
+    cx = min(cx, width - 8)  # inside a narrower slice too
     return (((yy - cy) / 9.0) ** 2 + ((xx - cx) / 7.0) ** 2 + ((zz - 2.5) / 3.0) ** 2) <= 1
 
 
-def write_nnunet_dataset(root: Path, n_cases: int = 3, seed: int = 0) -> Path:
-    """Small MR-like volumes with a bright ellipsoid labelled 1."""
+def write_nnunet_dataset(root: Path, n_cases: int = 3, seed: int = 0, width: int = 40) -> Path:
+    """Small MR-like (6, 40, width) volumes with a bright ellipsoid labelled 1."""
     rng = np.random.default_rng(seed)
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
     for i in range(n_cases):
-        label = ellipsoid_label(rng)
+        label = ellipsoid_label(rng, width)
         image = rng.normal(100, 10, size=label.shape) + 200 * label
         for arr, path in (
             (image.astype(np.float32), root / "imagesTr" / f"case{i}_0000.nii.gz"),

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from hsam.apps.cli import main
 from hsam.apps.demo import DemoSchedule, run_demo, sample_root
 from hsam.data import read_dataset, read_list
-from hsam.errors import OutputExistsError
+from hsam.errors import ConfigError, OutputExistsError
 from hsam.evaluation.metrics import dice
 from hsam.io.images import read_volume
 
@@ -24,6 +25,22 @@ def test_existing_output_is_refused(tmp_path):
     with pytest.raises(OutputExistsError, match="--overwrite"):
         run_demo(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+
+
+@pytest.mark.parametrize("option", ["--views", "--epochs"])
+def test_demo_refuses_a_schedule_below_one_before_writing(tmp_path, option, capsys):
+    out = tmp_path / "demo"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", option, "0", "--out", str(out)])
+    assert exit_info.value.code == 2 and not out.exists()
+    assert f"{option}: expected a whole number >= 1, got '0'" in capsys.readouterr().err
+
+
+def test_demo_schedule_below_one_is_a_config_error_before_any_folder(tmp_path):
+    out = tmp_path / "demo"
+    with pytest.raises(ConfigError, match="augmented_views"):
+        run_demo(out, schedule=DemoSchedule(augmented_views=0))
+    assert not out.exists()
 
 
 @pytest.mark.slow

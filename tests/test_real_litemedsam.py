@@ -19,7 +19,7 @@ from hsam.apps.evaluate import evaluate_checkpoint
 from hsam.build import build_hsam
 from hsam.config import ModelConfig, load_run_config
 from hsam.data import SliceDataset, read_dataset, read_list
-from hsam.data.slices import resize_label
+from hsam.data.slices import fit_label
 from hsam.engine.prefix_cache import PrefixCache
 from hsam.engine.trainer import run_training
 from hsam.evaluation.metrics import dice
@@ -116,34 +116,41 @@ def test_flip_tta_with_a_shared_prefix_equals_the_predictor_alone(fresh_lite_mod
         assert torch.equal(value, _batchnorm_buffers(fresh_lite_model)[key]), key
 
 
-def _round_trip_dice(case, size: int) -> float:
+def _round_trip_dice(case, size: int, resize: str) -> float:
     """Ground truth resized to S as training resizes it, mapped back by the inference path."""
     k = int(case.label.max())
     scores = []
-    labels = np.stack([resize_label(lab, size) for lab in case.label])
+    labels = np.stack([fit_label(lab, size, resize=resize) for lab in case.label])
     onehot = torch.nn.functional.one_hot(torch.from_numpy(labels).long(), k + 1)
-    back = labels_from_probabilities(onehot.permute(0, 3, 1, 2).float(), case.label.shape[1:])
+    probs = onehot.permute(0, 3, 1, 2).float()
+    back = labels_from_probabilities(probs, case.label.shape[1:], resize)
     for c in range(1, k + 1):
         scores.append(dice(back == c, case.label == c, "legacy"))
     return float(np.mean(scores))
 
 
+@pytest.mark.parametrize("resize", ["stretch", "pad"])
 @pytest.mark.parametrize("dataset", ["la", "acdc"])
-def test_ground_truth_survives_the_trip_to_s_and_back(dataset):
+def test_ground_truth_survives_the_trip_to_s_and_back(dataset, resize):
     root = _need(dataset)
     ids = read_list(root / ("test.list" if dataset == "la" else "val.list"))
     scores = []
     for case in read_dataset(dataset, root, ids[:4] if dataset == "la" else ids):
-        score = _round_trip_dice(case, 256)
+        score = _round_trip_dice(case, 256, resize)
         if max(case.shape[1:]) <= 256:
-            # upsampled to S: nothing is lost, so a pixel-centred path returns it exactly
-            assert score == 1.0, (case.case_id, score)
+            # upsampled to S: nothing is lost; a pixel-centred path returns it but for the
+            # voxels where the argmax of 2-D bilinear weights is not the nearest neighbour,
+            # which small factors on both axes show (pad: 154 x 224 -> 176 x 256 gives 0.998;
+            # stretch happens to give exactly 1.0 here; the off-centre path scored 0.96-0.98)
+            assert score >= 0.995, (case.case_id, score)
         scores.append(score)
     # slices larger than S lose what S cannot hold (thin myocardium on ACDC's 288-row frames)
     assert np.mean(scores) >= 0.995
 
 
-def test_validation_dice_equals_evaluate_of_the_saved_checkpoint(tmp_path):
+# pad: ACDC frames are not square, so the aspect-keeping path is exercised end to end
+@pytest.mark.parametrize("resize", ["stretch", "pad"])
+def test_validation_dice_equals_evaluate_of_the_saved_checkpoint(tmp_path, resize):
     _need("acdc")
     cfg = load_run_config(
         REPO / "configs" / "acdc_5pct_litemedsam_cpu.yaml",
@@ -155,9 +162,11 @@ def test_validation_dice_equals_evaluate_of_the_saved_checkpoint(tmp_path):
             "train.max_steps_per_epoch=3",
             "train.augmented_views=1",
             "data.val_cases=1",
+            f"model.input_resize={resize}",
         ],
     )
     result = run_training(cfg, tmp_path / "run")
+    assert Predictor.from_checkpoint(result.best_checkpoint).model.input_resize == resize
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     val_dice = logged[-1]["val_dice"]
     summary = evaluate_checkpoint(

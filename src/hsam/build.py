@@ -140,6 +140,7 @@ def build_hsam_network(cfg: ModelConfig) -> HSAM:
         stage2_embedding_noise=cfg.stage2_embedding_noise,
         fuse=cfg.fuse,
         test_input_size=cfg.test_input_size,
+        input_resize=cfg.input_resize,
     )
 
 

@@ -26,6 +26,17 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
+def _count(text: str) -> int:
+    """argparse type of a count that must be at least 1 (epochs, views)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from hsam.apps.info import format_info, model_info
 
@@ -193,9 +204,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from hsam.apps.demo import DemoSchedule, run_demo
 
     schedule = DemoSchedule()
+    command = "hsam demo"
     if args.epochs is not None:
         schedule.epochs = args.epochs
-    command = "hsam demo" + (f" --epochs {args.epochs}" if args.epochs is not None else "")
+        command += f" --epochs {args.epochs}"
+    if args.views is not None:
+        schedule.augmented_views = args.views
+        command += f" --views {args.views}"
     result = run_demo(args.out, schedule=schedule, overwrite=args.overwrite, command=command)
     for name, s in result.scores.items():
         logger.info("%s: Dice %.2f%%, HD95 %.2f voxels", name, 100 * s["dice"], s["hd95_voxels"])
@@ -284,7 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="few-shot H-SAM vs SAMed on the bundled LA sample (CPU)")
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    demo.add_argument("--epochs", type=int, help="training epochs (default: the demo budget)")
+    demo.add_argument("--epochs", type=_count, help="training epochs (default: the demo budget)")
+    demo.add_argument(
+        "--views", type=_count, help="cached augmented views per slice (default: the demo budget)"
+    )
     demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo's outputs")
     demo.set_defaults(handler=_cmd_demo)
     return parser

@@ -3,8 +3,10 @@ per-case range of each class's volume fraction (for the prediction-size check of
 :mod:`hsam.inference.volume_check`).
 
 Each item is ``{"image": float32 (1, S, S), "label": int64 (S, S), "case_id": str,
-"slice_index": int}``: the native slice, optionally augmented (before resizing), then resized to
-``S x S`` (image: linear or cubic; label: nearest neighbour, always).
+"slice_index": int}``: the native slice, optionally augmented (before resizing), then brought
+to ``S x S`` (image: linear or cubic; label: nearest neighbour, always), either stretched or,
+with ``input_resize="pad"``, with its aspect kept and zeros below and to the right
+(:func:`fitted_extent`; inference crops the same region back).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from scipy import ndimage
 from torch.utils.data import Dataset
 
+from hsam.config import InputResize
 from hsam.data.augment import Augmenter
 from hsam.data.case import Case
 from hsam.data.formats import REGISTRY, get_format, slice_files_format
@@ -33,6 +36,9 @@ __all__ = [
     "class_frequencies",
     "class_volume_fraction_ranges",
     "class_volume_fractions",
+    "fit_image",
+    "fit_label",
+    "fitted_extent",
     "parse_slice_id",
     "resize_image",
     "resize_label",
@@ -81,6 +87,52 @@ def resize_label(label: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return _resample(label, _size2(size), 0)
 
 
+def fitted_extent(shape: tuple[int, int], size: int | tuple[int, int]) -> tuple[int, int]:
+    """``(h, w)`` a ``(H, W)`` slice takes inside ``size`` with its aspect kept (longer side
+    to the target, the other rounded): the content region of ``input_resize="pad"``."""
+    H, W = int(shape[0]), int(shape[1])
+    target_h, target_w = _size2(size)
+    scale = min(target_h / H, target_w / W)
+    return min(target_h, max(1, round(H * scale))), min(target_w, max(1, round(W * scale)))
+
+
+def _fit(
+    arr: np.ndarray,
+    size: int | tuple[int, int],
+    resize: InputResize,
+    resample: Callable[[np.ndarray, tuple[int, int]], np.ndarray],
+) -> np.ndarray:
+    """`arr` resampled to `size` (stretch), or to its :func:`fitted_extent` and zero-padded
+    below and to the right (pad): one decision for images and labels, as inference makes it."""
+    target = _size2(size)
+    if resize != "pad":
+        return resample(arr, target)
+    inner = resample(arr, fitted_extent(np.shape(arr), target))
+    out = np.zeros(target, dtype=inner.dtype)
+    out[: inner.shape[0], : inner.shape[1]] = inner
+    return out
+
+
+def fit_image(
+    image: np.ndarray,
+    size: int | tuple[int, int],
+    order: int = 3,
+    *,
+    resize: InputResize = "stretch",
+) -> np.ndarray:
+    """A 2-D image brought to ``size``: stretched, or (``resize="pad"``) resized to its
+    :func:`fitted_extent` and zero-padded below and to the right."""
+    return _fit(image, size, resize, lambda a, s: resize_image(a, s, order))
+
+
+def fit_label(
+    label: np.ndarray, size: int | tuple[int, int], *, resize: InputResize = "stretch"
+) -> np.ndarray:
+    """A 2-D label brought to ``size`` as :func:`fit_image` brings its image (padding is
+    background, 0)."""
+    return _fit(label, size, resize, resize_label)
+
+
 def _read_slice_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     slice_files = slice_files_format(path).slice_files
     assert slice_files is not None  # slice_files_format returns only formats that have them
@@ -121,6 +173,8 @@ class SliceDataset(Dataset):
             ``(seed, epoch, index)`` when ``seed`` is set, so results do not depend on the
             number or order of data-loader workers; call :meth:`set_epoch` every epoch.
         image_order: spline order for the image resize (1 linear, 3 cubic; upstream 3).
+        input_resize: ``"stretch"`` to ``size`` or ``"pad"`` (aspect kept, zeros below and to
+            the right): the model's ``input_resize``, which inference repeats.
         seed: base seed of the per-sample generators (``None``: drawn once from the
             :class:`Augmenter`'s own generator, so a seeded augmenter stays reproducible).
     """
@@ -135,8 +189,12 @@ class SliceDataset(Dataset):
         augment: AugmentFn | None = None,
         image_order: int = 3,
         seed: int | None = None,
+        input_resize: InputResize = "stretch",
     ) -> None:
+        if input_resize not in ("stretch", "pad"):
+            raise ValueError(f"input_resize must be 'stretch' or 'pad', got {input_resize!r}")
         self.size = _size2(size)
+        self.input_resize = input_resize
         self.augment = augment
         self.image_order = int(image_order)
         if seed is None and isinstance(augment, Augmenter):
@@ -316,8 +374,8 @@ class SliceDataset(Dataset):
                 image, label = self.augment(image, label, rng=rng)
             else:
                 image, label = self.augment(image, label)
-        image = resize_image(image, self.size, self.image_order)
-        label = resize_label(np.asarray(label), self.size)
+        image = fit_image(image, self.size, self.image_order, resize=self.input_resize)
+        label = fit_label(np.asarray(label), self.size, resize=self.input_resize)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image)[None]),
             "label": torch.from_numpy(label.astype(np.int64)),

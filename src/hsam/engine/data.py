@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from hsam.config import DataConfig, TrainConfig
+from hsam.config import DataConfig, InputResize, RunConfig, TrainConfig
 from hsam.data import (
     Augmenter,
     Case,
@@ -105,10 +105,16 @@ def _training_case_ids(cfg: DataConfig) -> tuple[list[str], str, list[Path]]:
 
 
 def build_run_data(
-    data: DataConfig, train: TrainConfig, image_size: int, *, num_classes: int
+    data: DataConfig,
+    train: TrainConfig,
+    image_size: int,
+    *,
+    num_classes: int,
+    input_resize: InputResize = "stretch",
 ) -> RunData:
     """Read and select the training and validation data of a run with `num_classes` (K,
-    the run's ``model.num_classes``) foreground classes."""
+    the run's ``model.num_classes``) foreground classes, its slices brought to `image_size`
+    as the model's `input_resize` says."""
     if not data.root:
         raise DataError("data.root is empty: set it to the dataset folder.")
     augment = _augmenter(train)
@@ -138,6 +144,7 @@ def build_run_data(
             image_size,
             augment=augment,
             seed=train.seed,
+            input_resize=input_resize,
             foreground_only=data.foreground_only,
             # the files hold the format's own mapping; another policy is refitted per volume
             intensity=(policy, applied) if data.intensity else None,
@@ -168,6 +175,7 @@ def build_run_data(
             foreground_only=data.foreground_only,
             augment=augment,
             seed=train.seed,
+            input_resize=input_resize,
         )
         train_list = train_ids
         extra = {}
@@ -194,3 +202,15 @@ def build_run_data(
         ", ".join(f"{c}: {lo:.4g}-{hi:.4g}" for c, (lo, hi) in volume_ranges.items()),
     )
     return RunData(dataset, val_cases, manifest, policy, dict(label_names), freqs, volume_ranges)
+
+
+def run_data_of(cfg: RunConfig) -> RunData:
+    """:func:`build_run_data` of a run config: its data, training settings and the model's
+    S, K and input resize."""
+    return build_run_data(
+        cfg.data,
+        cfg.train,
+        cfg.model.image_size,
+        num_classes=cfg.model.num_classes,
+        input_resize=cfg.model.input_resize,
+    )

@@ -15,13 +15,14 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from hsam.build import build_hsam
-from hsam.config import RunConfig, TrainConfig
+from hsam.config import InputResize, RunConfig, TrainConfig
 from hsam.data import SliceDataset
 from hsam.devices import resolve_precision
-from hsam.engine.data import RunData, build_run_data
+from hsam.engine.data import RunData, run_data_of
 from hsam.inference.slicewise import encode_volume_prefix
 from hsam.modeling.hsam import HSAM
 
@@ -31,16 +32,25 @@ logger = logging.getLogger(__name__)
 class PrefixCache:
     """Cached encoder-prefix features and labels of V views of N slices."""
 
-    def __init__(self, features: list[Tensor], labels: list[Tensor], start_unit: int) -> None:
+    def __init__(
+        self,
+        features: list[Tensor],
+        labels: list[Tensor],
+        start_unit: int,
+        *,
+        input_resize: InputResize = "stretch",
+    ) -> None:
         """
         Arguments:
           features: per view, (N, ...) outputs of the first `start_unit` encoder units.
           labels: per view, (N, S, S) int64 labels of the same augmented slices.
           start_unit: where the encoder resumes.
+          input_resize: how the slices were brought to S x S (a model must match it).
         """
         self.features = features
         self.labels = labels
         self.start_unit = start_unit
+        self.input_resize = input_resize
         # Prefix features of whole (validation) volumes by case id, filled on first use and
         # shared by every run given this cache.
         self.volumes: dict[str, Tensor] = {}
@@ -77,6 +87,7 @@ class PrefixCache:
         """
         if views < 1:
             raise ValueError(f"augmented_views must be >= 1, got {views}.")
+        _check_same_input_resize(model, dataset)
         features: list[Tensor] = []
         labels: list[Tensor] = []
         n = len(dataset)
@@ -94,7 +105,7 @@ class PrefixCache:
             features.append(torch.cat(chunks))
             labels.append(torch.cat(label_chunks))
         bar.close()
-        cache = cls(features, labels, stop_unit)
+        cache = cls(features, labels, stop_unit, input_resize=model.input_resize)
         logger.info(
             "cached encoder units [0, %d) for %d view(s) x %d slices (%.0f MB)",
             stop_unit,
@@ -161,7 +172,24 @@ def build_shared_prefix_cache(cfg: RunConfig) -> tuple[RunData, PrefixCache]:
 
     See :meth:`PrefixCache.for_run` for what it holds."""
     tcfg = cfg.train
-    data = build_run_data(cfg.data, tcfg, cfg.model.image_size, num_classes=cfg.model.num_classes)
+    data = run_data_of(cfg)
     encoder = build_hsam(cfg.model, seed=tcfg.seed).model  # only its frozen units are used
     cache = PrefixCache.for_run(encoder, data.train, tcfg, device=torch.device("cpu"))
     return data, cache
+
+
+def _check_same_input_resize(model: HSAM, dataset: Dataset) -> None:
+    """Refuse slices fitted to S x S otherwise than `model` fits them at inference.
+
+    `dataset` may be a SliceDataset or a (possibly nested) `Subset` of one; other datasets
+    carry no resize policy to compare.
+    """
+    inner = dataset
+    while isinstance(inner, Subset):
+        inner = inner.dataset
+    resize = getattr(inner, "input_resize", None)
+    if resize is not None and resize != model.input_resize:
+        raise ValueError(
+            f"the dataset brings slices to S x S by {resize!r} but model.input_resize is "
+            f"{model.input_resize!r}; build the dataset with input_resize={model.input_resize!r}."
+        )

@@ -21,7 +21,7 @@ from hsam.build import BuiltModel, build_hsam
 from hsam.config import RunConfig, TrainConfig
 from hsam.data import SliceDataset
 from hsam.devices import check_compile_supported, resolve_precision
-from hsam.engine.data import RunData, build_run_data
+from hsam.engine.data import RunData, run_data_of
 from hsam.engine.distributed import ProcessInfo
 from hsam.engine.losses import learning_rate, schedule_epoch, stage1_weight
 from hsam.engine.prefix_cache import PrefixCache
@@ -211,7 +211,7 @@ def build_run_parts(
     backbone); built here when the config asks for one."""
     tcfg = cfg.train
     seed_everything(tcfg.seed)
-    data = build_run_data(cfg.data, tcfg, cfg.model.image_size, num_classes=cfg.model.num_classes)
+    data = run_data_of(cfg)
     cfg = resolve_config(cfg, data, process.device)
     tcfg = cfg.train
     built = build_hsam(cfg.model, seed=tcfg.seed)
@@ -225,6 +225,11 @@ def build_run_parts(
         raise ConfigError(
             f"the given prefix cache ends at encoder unit {cache.start_unit}, but this "
             f"model's first LoRA unit is {model.first_trainable_unit}."
+        )
+    if cache is not None and cache.input_resize != cfg.model.input_resize:
+        raise ConfigError(
+            f"the given prefix cache holds slices brought to S x S by {cache.input_resize!r}, "
+            f"but model.input_resize is {cfg.model.input_resize!r}; build the cache for this run."
         )
     if tcfg.cache_encoder_prefix and cache is None:
         cache = PrefixCache.for_run(

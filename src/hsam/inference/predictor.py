@@ -460,6 +460,10 @@ def _same_prefix(a: Predictor, b: Predictor) -> bool:
     settings = ("intensity_policy", "batch_size", "precision", "tta")  # stages may differ
     if any(getattr(a, s) != getattr(b, s) for s in settings) or a.prefix_units != b.prefix_units:
         return False
+    # how slices become model inputs (the prefix is computed from those inputs)
+    geometry = ("image_size", "test_input_size", "input_resize")
+    if any(getattr(a.model, g) != getattr(b.model, g) for g in geometry):
+        return False
     if a.model is b.model:
         return True
     fa, fb = _frozen_encoder_tensors(a.model), _frozen_encoder_tensors(b.model)

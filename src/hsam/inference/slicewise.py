@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from hsam.config import InputResize
+from hsam.data.slices import fitted_extent
 from hsam.modeling.hsam import HSAM, HSAMOutput
 
 Stage = Literal["1", "2", "fused"]
@@ -65,11 +67,14 @@ def _slice_batches(
     batch_size: int,
     device: torch.device,
     input_size: int | None = None,
+    resize: InputResize = "stretch",
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """(index range, (b, 1, S, S) slices resized bilinearly) over a (D, H, W) volume.
 
-    With `input_size`, slices first go through input_size x input_size (bicubic), the released
-    code's test-time resampling (`model.test_input_size`)."""
+    `resize` "pad" keeps the aspect: each slice is resized to its `fitted_extent` in S x S and
+    zero-padded below and to the right, as training prepared it. With `input_size`, slices
+    first go through input_size x input_size (bicubic), the released code's test-time
+    resampling (`model.test_input_size`)."""
     if volume.ndim != 3:
         raise ValueError(f"volume must be (D, H, W), got shape {volume.shape}.")
     d, h, w = volume.shape
@@ -79,23 +84,43 @@ def _slice_batches(
         if input_size is not None and (h, w) != (input_size, input_size):
             x = F.interpolate(x, size=(input_size,) * 2, mode="bicubic", align_corners=False)
             h, w = input_size, input_size
-        if (h, w) != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        extent = fitted_extent((h, w), size) if resize == "pad" else (size, size)
+        if (h, w) != extent:
+            x = F.interpolate(x, size=extent, mode="bilinear", align_corners=False)
+        if extent != (size, size):
+            x = F.pad(x, (0, size - extent[1], 0, size - extent[0]))
         yield slice(start, start + len(chunk)), x
 
 
-def probabilities_to_grid(probs: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """(b, T, S, S) -> (b, T, H, W) probabilities on the slice grid (bilinear, pixel-centred)."""
+def probabilities_to_grid(
+    probs: torch.Tensor, shape: tuple[int, int], resize: InputResize = "stretch"
+) -> torch.Tensor:
+    """(b, T, S, S) -> (b, T, H, W) probabilities on the slice grid (bilinear, pixel-centred);
+    with `resize` "pad" only the slice's own region of S x S (its `fitted_extent`) is used."""
+    if resize == "pad":
+        extent = fitted_extent(shape, (probs.shape[-2], probs.shape[-1]))
+        probs = probs[..., : extent[0], : extent[1]]
     if tuple(probs.shape[-2:]) == tuple(shape):
         return probs
     return F.interpolate(probs, size=shape, mode="bilinear", align_corners=False)
 
 
-def labels_from_probabilities(probs: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
+def labels_from_probabilities(
+    probs: torch.Tensor, shape: tuple[int, int], resize: InputResize = "stretch"
+) -> np.ndarray:
     """(b, T, S, S) probabilities -> (b, H, W) labels: the argmax of the probabilities resized
     to the slice grid, so labels always equal the argmax of any probabilities written (a
     resized argmax would be off-centre and coarser)."""
-    return probabilities_to_grid(probs, shape).argmax(1).cpu().numpy()
+    return probabilities_to_grid(probs, shape, resize).argmax(1).cpu().numpy()
+
+
+def _model_batches(
+    model: HSAM, volume: np.ndarray, batch_size: int, device: torch.device
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """`_slice_batches` with the model's S, test-time resampling and input resize."""
+    return _slice_batches(
+        volume, model.image_size, batch_size, device, model.test_input_size, model.input_resize
+    )
 
 
 def _label_dtype(num_tokens: int) -> type:
@@ -117,8 +142,9 @@ def predict_volume(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Segment a (D, H, W) volume in [0, 1] slice by slice (every slice, empty ones too).
 
-    Slices are resized (bilinear) to the model's S and predicted in batches (averaged over
-    `tta`'s flips); the class probabilities are resized back (bilinear) to (H, W) and the
+    Slices are resized (bilinear) to the model's S, stretched or aspect-kept and padded as
+    `model.input_resize` says, and predicted in batches (averaged over `tta`'s flips); the
+    class probabilities of the slice's region are resized back (bilinear) to (H, W) and the
     labels are their argmax.
 
     Returns:
@@ -132,11 +158,11 @@ def predict_volume(
     probs_out = None
     if return_probabilities:
         probs_out = np.zeros((model.num_tokens, *volume.shape), dtype=np.float32)
-    batches = _slice_batches(volume, model.image_size, batch_size, device, model.test_input_size)
+    batches = _model_batches(model, volume, batch_size, device)
     for index, x in batches:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             probs = tta_probabilities(model, x, stage=stage, tta=tta)
-        probs = probabilities_to_grid(probs, (h, w))
+        probs = probabilities_to_grid(probs, (h, w), model.input_resize)
         labels[index] = probs.argmax(1).cpu().numpy()
         if probs_out is not None:
             probs_out[:, index] = probs.transpose(0, 1).cpu().numpy()
@@ -159,8 +185,7 @@ def encode_volume_prefix(
     those units."""
     device = next(model.parameters()).device
     chunks = []
-    batches = _slice_batches(volume, model.image_size, batch_size, device, model.test_input_size)
-    for _, x in batches:
+    for _, x in _model_batches(model, volume, batch_size, device):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             chunks.append(model.encode_prefix(x, prefix_units).cpu())
     return torch.cat(chunks)
@@ -187,7 +212,7 @@ def predict_from_prefix(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = model(x, start_unit=prefix_units)
         probs = stage_probabilities(out, stage).float()
-        labels[start : start + len(x)] = labels_from_probabilities(probs, shape)
+        labels[start : start + len(x)] = labels_from_probabilities(probs, shape, model.input_resize)
     return labels
 
 
@@ -214,9 +239,8 @@ def predict_volume_shared_prefix(
     outputs = [np.zeros(volume.shape, dtype=_label_dtype(m.num_tokens)) for m in models]
     for model in models:
         model.eval()
-    size, input_size = models[0].image_size, models[0].test_input_size
     flips = TTA_FLIPS[tta]
-    for index, x in _slice_batches(volume, size, batch_size, device, input_size):
+    for index, x in _model_batches(models[0], volume, batch_size, device):
         sums: list[torch.Tensor | None] = [None] * len(models)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             for dims in flips:
@@ -231,5 +255,5 @@ def predict_volume_shared_prefix(
         for labels, total in zip(outputs, sums, strict=True):
             assert total is not None
             # The mean's argmax is the sum's: no division needed for labels.
-            labels[index] = labels_from_probabilities(total, (h, w))
+            labels[index] = labels_from_probabilities(total, (h, w), models[0].input_resize)
     return outputs

@@ -46,6 +46,7 @@ class HSAM(nn.Module):
         stage2_embedding_noise: float = 0.0,
         fuse: Literal["probabilities", "logits"] = "probabilities",
         test_input_size: int | None = None,
+        input_resize: Literal["stretch", "pad"] = "stretch",
     ) -> None:
         """
         Arguments:
@@ -61,6 +62,9 @@ class HSAM(nn.Module):
           fuse: average the stages' probabilities (paper) or logits (released code).
           test_input_size: read by slice-wise inference (hsam.inference.slicewise), which resamples
             slices through this side first (released code: 224); None = off.
+          input_resize: read by slice-wise inference, which brings slices to S x S the way
+            training did: "stretch" (resize) or "pad" (longer side to S, aspect kept, zeros
+            below and to the right).
         """
         super().__init__()
         self.image_encoder = image_encoder
@@ -74,6 +78,7 @@ class HSAM(nn.Module):
         self.stage2_embedding_noise = stage2_embedding_noise
         self.fuse = fuse
         self.test_input_size = test_input_size
+        self.input_resize = input_resize
         self.first_trainable_unit = 0
         # A new nn.Module starts in training mode; the frozen encoder must not, even before
         # anyone calls train()/eval() (a prefix cache built right after construction).
