@@ -276,3 +276,26 @@ def test_first_trainable_unit_is_declared_and_set_by_build(tiny_cfg):
     # Without LoRA the whole encoder is frozen: every unit is a cacheable prefix.
     frozen = build_hsam(dataclasses.replace(tiny_cfg, lora_last_n=0), pretrained=False).model
     assert frozen.first_trainable_unit == len(frozen.image_encoder.units())
+
+
+def test_stage2_init_from_stage1_copies_transformer_and_upscaling(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, stage2_init="stage1")
+    model = build_hsam(cfg).model
+    stage1, stage2 = model.mask_decoder, model.stage2_decoder
+    for part in ("transformer", "output_upscaling"):
+        first = getattr(stage1, part).state_dict()
+        second = getattr(stage2, part).state_dict()
+        assert first.keys() == second.keys()
+        assert all(torch.equal(first[k], second[k]) for k in first), part
+    # Copies, not shared tensors: a step on stage 2 leaves stage 1 where it was.
+    before = copy.deepcopy(stage1.transformer.state_dict())
+    with torch.no_grad():
+        next(stage2.transformer.parameters()).add_(1.0)
+    after = stage1.transformer.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # The default starts stage 2 from scratch, at full attention width (other shapes).
+    copied = stage2.transformer.state_dict()
+    random_stage2 = build_hsam(tiny_cfg).model.stage2_decoder.transformer.state_dict()
+    assert any(random_stage2[k].shape != copied[k].shape for k in random_stage2)
+    # A checkpoint's config rebuilds the same architecture: the state loads strictly.
+    build_hsam(cfg, pretrained=False, seed=1).model.load_state_dict(model.state_dict())

@@ -8,6 +8,7 @@ weights are absent.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -25,6 +26,7 @@ from hsam.engine.trainer import run_training
 from hsam.evaluation.metrics import dice
 from hsam.inference.predictor import Predictor, predict_shared
 from hsam.inference.slicewise import labels_from_probabilities
+from hsam.io.weights import read_state_dict, resolve_backbone_weights
 
 pytestmark = pytest.mark.slow
 
@@ -180,3 +182,16 @@ def test_validation_dice_equals_evaluate_of_the_saved_checkpoint(tmp_path, resiz
     )
     evaluated = summary["policies"]["legacy"]["mean"]["dice"]["mean"]
     assert evaluated == pytest.approx(val_dice, abs=1e-6)
+
+
+def test_stage2_started_from_stage1_holds_the_pretrained_decoder_weights():
+    cfg = dataclasses.replace(LITE, stage2_init="stage1")
+    try:
+        model = build_hsam(cfg).model
+    except Exception as exc:  # the bundled weights are an installed dependency
+        pytest.skip(f"LiteMedSAM weights not available: {exc}")
+    state = read_state_dict(resolve_backbone_weights("litemedsam", None).path)
+    for part in ("transformer", "output_upscaling"):
+        copied = getattr(model.stage2_decoder, part).state_dict()
+        for key, value in copied.items():
+            assert torch.equal(value, state[f"mask_decoder.{part}.{key}"]), key

@@ -113,11 +113,12 @@ def build_hsam_network(cfg: ModelConfig) -> HSAM:
             pixel_decoder = HierarchicalPixelDecoder(
                 in_channels=2 * (dim // 8), out_channels=dim // 16, num_upsamples=num_upsamples
             )
+        # From scratch, stage 2 uses full-width attention (no downsampling) as the released
+        # code's masked cross-attention does; started from stage 1 it takes SAM's shapes.
+        downsample = 2 if cfg.stage2_init == "stage1" else 1
         stage2 = Stage2Decoder(
             transformer_dim=dim,
-            # Stage 2 is trained from scratch: full-width attention (no downsampling) in every
-            # attention, as in the released code's masked cross-attention.
-            transformer=_two_way(spec, dim, cfg, downsample=1, dropout=cfg.stage2_dropout),
+            transformer=_two_way(spec, dim, cfg, downsample=downsample, dropout=cfg.stage2_dropout),
             num_mask_tokens=t,
             output_size=cfg.image_size,
             cmattn=cmattn,
@@ -172,6 +173,15 @@ def apply_lora_and_freeze(model: HSAM, cfg: ModelConfig) -> None:
     model.first_trainable_unit = targets[0][0] if targets else len(model.image_encoder.units())
 
 
+def copy_stage1_into_stage2(model: HSAM) -> None:
+    """Start stage 2's two-way transformer and x4 upscaling as copies of stage 1's
+    (`model.stage2_init: stage1`). Its mask tokens, hypernetworks, CMAttn and pixel decoder
+    have no stage-1 counterpart and stay as initialised."""
+    stage1, stage2 = model.mask_decoder, model.stage2_decoder
+    stage2.transformer.load_state_dict(stage1.transformer.state_dict())
+    stage2.output_upscaling.load_state_dict(stage1.output_upscaling.state_dict())
+
+
 @dataclass
 class BuiltModel:
     model: HSAM
@@ -196,5 +206,7 @@ def build_hsam(cfg: ModelConfig, *, pretrained: bool = True, seed: int | None = 
     if pretrained and cfg.backbone != "tiny":
         identity = resolve_backbone_weights(cfg.backbone, cfg.backbone_weights)
         report = load_pretrained(model, read_state_dict(identity.path), source=identity.path)
+    if cfg.stage2_init == "stage1" and model.stage2_decoder is not None:
+        copy_stage1_into_stage2(model)
     apply_lora_and_freeze(model, cfg)
     return BuiltModel(model=model, weights=identity, load_report=report, seed=seed)
