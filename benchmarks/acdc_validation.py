@@ -30,18 +30,9 @@ from hsam.inference.slicewise import TTA_FLIPS
 logger = logging.getLogger("acdc_validation")
 
 
-def validation_frames(root: Path, labelled_lines: int, every: int) -> list[Case]:
-    """Frames of every `every`-th training-split patient outside the first `labelled_lines`."""
-    lines = read_list(root / "train_slices.list")
-    labelled = {parse_slice_id(s)[0].split("_")[0] for s in lines[:labelled_lines]}
-    frames: dict[str, list[tuple[int, str]]] = defaultdict(list)
-    for s in lines[labelled_lines:]:
-        frame, index = parse_slice_id(s)
-        if frame.split("_")[0] not in labelled:
-            frames[frame].append((index, s))
-    patients = sorted({f.split("_")[0] for f in frames})[::every]
+def _stack_frames(root: Path, frames: dict[str, list[tuple[int, str]]]) -> list[Case]:
     cases = []
-    for frame in sorted(f for f in frames if f.split("_")[0] in patients):
+    for frame in sorted(frames):
         pairs = [
             read_acdc_slice(root / "data" / "slices" / f"{s}.h5") for _, s in sorted(frames[frame])
         ]
@@ -49,6 +40,34 @@ def validation_frames(root: Path, labelled_lines: int, every: int) -> list[Case]
         label = np.stack([p[1] for p in pairs])
         cases.append(Case(frame, image, label, intensity="minmax"))
     return cases
+
+
+def _frames_of(lines: list[str]) -> dict[str, list[tuple[int, str]]]:
+    frames: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for s in lines:
+        frame, index = parse_slice_id(s)
+        frames[frame].append((index, s))
+    return frames
+
+
+def validation_frames(root: Path, labelled_lines: int, every: int) -> list[Case]:
+    """Frames of every `every`-th training-split patient outside the first `labelled_lines`."""
+    lines = read_list(root / "train_slices.list")
+    labelled = {parse_slice_id(s)[0].split("_")[0] for s in lines[:labelled_lines]}
+    frames = {
+        frame: slices
+        for frame, slices in _frames_of(lines[labelled_lines:]).items()
+        if frame.split("_")[0] not in labelled
+    }
+    patients = sorted({f.split("_")[0] for f in frames})[::every]
+    return _stack_frames(root, {f: v for f, v in frames.items() if f.split("_")[0] in patients})
+
+
+def labelled_frames(root: Path, labelled_lines: int) -> list[Case]:
+    """The labelled few-shot slices themselves, stacked per frame: how well a run fits what it
+    trained on, the ceiling its validation Dice is measured against."""
+    lines = read_list(root / "train_slices.list")
+    return _stack_frames(root, _frames_of(lines[:labelled_lines]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,10 +78,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=6, help="every N-th unlabelled patient")
     parser.add_argument("--stages", nargs="+", default=["1", "2", "fused"])
     parser.add_argument("--tta", nargs="+", default=["none"], choices=tuple(TTA_FLIPS))
+    parser.add_argument(
+        "--frames",
+        choices=("validation", "labelled"),
+        default="validation",
+        help="validation: unlabelled training-split patients; labelled: the training slices",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cases = validation_frames(Path(args.root), args.labelled_lines, args.every)
-    logger.info("%d validation frames", len(cases))
+    if args.frames == "labelled":
+        cases = labelled_frames(Path(args.root), args.labelled_lines)
+    else:
+        cases = validation_frames(Path(args.root), args.labelled_lines, args.every)
+    logger.info("%d %s frames", len(cases), args.frames)
     for checkpoint in args.checkpoints:
         variants: dict[str, Predictor] = {}
         for tta in args.tta:
