@@ -50,17 +50,22 @@ def _frames_of(lines: list[str]) -> dict[str, list[tuple[int, str]]]:
     return frames
 
 
+def _patient(frame: str) -> str:
+    """``patientXXX`` of a ``patientXXX_frameYY`` frame id."""
+    return frame.split("_")[0]
+
+
 def validation_frames(root: Path, labelled_lines: int, every: int) -> list[Case]:
     """Frames of every `every`-th training-split patient outside the first `labelled_lines`."""
     lines = read_list(root / "train_slices.list")
-    labelled = {parse_slice_id(s)[0].split("_")[0] for s in lines[:labelled_lines]}
+    labelled = {_patient(parse_slice_id(s)[0]) for s in lines[:labelled_lines]}
     frames = {
         frame: slices
         for frame, slices in _frames_of(lines[labelled_lines:]).items()
-        if frame.split("_")[0] not in labelled
+        if _patient(frame) not in labelled
     }
-    patients = sorted({f.split("_")[0] for f in frames})[::every]
-    return _stack_frames(root, {f: v for f, v in frames.items() if f.split("_")[0] in patients})
+    patients = sorted({_patient(f) for f in frames})[::every]
+    return _stack_frames(root, {f: v for f, v in frames.items() if _patient(f) in patients})
 
 
 def labelled_frames(root: Path, labelled_lines: int) -> list[Case]:
