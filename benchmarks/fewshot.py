@@ -419,7 +419,9 @@ def render(
         f"- protocol: `{args.protocol}`; backbone `{m.backbone}` at S = {m.image_size}, LoRA rank "
         f"{m.lora_rank} on the last {m.lora_last_n} encoder blocks; {t.epochs} epochs, batch "
         f"{t.batch_size}, lr {t.base_lr}, {t.augmented_views} cached augmented views, "
-        f"{t.precision}; stage weight "
+        f"{t.precision}; training slices: "
+        + ("only those with label (data.foreground_only)" if d.foreground_only else "all")
+        + "; stage weight "
         + (
             f"over the run ({t.stage_weight_horizon}-epoch schedule)"
             if t.stage_weight_horizon

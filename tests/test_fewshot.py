@@ -176,6 +176,7 @@ def test_fewshot_end_to_end_on_a_tiny_protocol(tmp_path, fewshot):
     assert "seed 0 | seed 1" in section and "H-SAM better than the SAMed baseline" in section
     (carved,) = json.loads((tmp_path / "runs" / "seed0" / "hsam" / "split.json").read_text())["val"]
     assert f"validation volumes carved from the training cases: `{carved}`)" in section
+    assert "; training slices: all;" in section  # the protocol trains every slice
     hsam_row = next(line for line in section.splitlines() if line.startswith("| H-SAM"))
     assert re.search(r"\| \d+ \(\d+–\d+\) \|$", hsam_row)  # train time: median (range)
 
