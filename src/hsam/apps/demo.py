@@ -97,8 +97,8 @@ def demo_config(method: str, schedule: DemoSchedule, root: Path) -> RunConfig:
             format="la",
             root=str(root),
             train_list=str(root / "train.list"),
-            # The LA recipe trains every slice; that is 1.5x the cache and steps here, past
-            # the demo's 15 minutes on CPUs without bf16, so the demo keeps atrium slices.
+            # The LA recipe trains every slice; that is 1.5x the cache and steps here, which
+            # by the demo's measured parts takes it past 15 minutes on CPUs without bf16.
             foreground_only=True,
             test_list=str(root / "test.list"),
         ),
