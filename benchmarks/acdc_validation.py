@@ -89,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         default="validation",
         help="validation: unlabelled training-split patients; labelled: the training slices",
     )
+    parser.add_argument(
+        "--per-frame",
+        action="store_true",
+        help="also log each frame's shape and per-class Dice (RV, Myo, LV) of every variant",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.frames == "labelled":
@@ -109,9 +114,13 @@ def main(argv: list[str] | None = None) -> int:
                 variants[stage if tta == "none" else f"{stage}+{tta}"] = predictor
         # One call: the variants share each slice's encoder prefix (per flip).
         dices: dict[str, list[float]] = defaultdict(list)
-        for evaluation in evaluate_cases(list(variants.values()), cases, metrics="dice"):
+        evaluations = evaluate_cases(list(variants.values()), cases, metrics="dice")
+        for case, evaluation in zip(cases, evaluations, strict=True):
             for key, score in zip(variants, evaluation.scores, strict=True):
                 dices[key] += score.dice
+                if args.per_frame:
+                    per_class = [round(100 * d, 1) for d in score.dice]
+                    logger.info("  %s %s %s %s", case.case_id, case.image.shape, key, per_class)
         row = {key: round(100 * float(np.mean(values)), 2) for key, values in dices.items()}
         logger.info("%s %s", checkpoint, row)
     return 0

@@ -376,6 +376,8 @@ def _augmentation_note(aug: Any) -> str:
     parts = ["rotation, scaling, elastic"]
     if aug.p_flip_rot90 > 0:
         parts.append(f"flip/rot90 (p {aug.p_flip_rot90})")
+    if aug.p_rot90 > 0:
+        parts.append(f"rot90 without flip (p {aug.p_rot90})")
     if aug.p_contrast > 0:
         parts.append(f"contrast {aug.contrast_range} (p {aug.p_contrast})")
     if aug.p_gamma > 0:

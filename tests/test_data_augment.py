@@ -295,6 +295,44 @@ def test_flip_rot90_moves_image_and_label_together(shape: tuple[int, int]) -> No
     assert with_geo.last_applied == ("rotate", "flip_rot90")
 
 
+@pytest.mark.parametrize("shape", [(48, 40), (32, 32)])
+def test_rot90_turns_image_and_label_together_and_never_mirrors(shape: tuple[int, int]) -> None:
+    image, lab = _ramp(*shape)
+    aug = Augmenter(1, p_rotate=0, p_scale=0, p_elastic=0, p_rot90=1.0)
+    ks = set()
+    for _ in range(60):
+        out_img, out_lab = aug(image, lab)
+        assert aug.last_applied == ("rot90",)
+        assert out_lab.dtype == lab.dtype and out_img.dtype == np.float32
+        np.testing.assert_array_equal(out_lab, (out_img * 7).astype(np.uint8))
+        # always a real rotation of the slice (k in 1..3), never a mirror image: handedness
+        # (which side the right ventricle is on, looking along the rotation) is kept
+        k = [k for k in range(4) if np.array_equal(out_img, np.rot90(image, k))]
+        assert len(k) == 1 and k[0] != 0
+        ks.add(k[0])
+    assert ks == {1, 2, 3}
+    off = Augmenter(1, p_rotate=0, p_scale=0, p_elastic=0, p_rot90=0.0)
+    np.testing.assert_array_equal(off(image, lab)[0], image)
+
+
+def test_rot90_probability_and_config_wiring() -> None:
+    img = np.full((8, 8), 0.5, np.float32)
+    aug = Augmenter(4, p_rotate=0, p_scale=0, p_elastic=0, p_rot90=0.3)
+    n = 1000
+    hits = 0
+    for _ in range(n):
+        aug(img)
+        hits += aug.last_applied == ("rot90",)
+    assert abs(hits / n - 0.3) < 0.05
+    with pytest.raises(ConfigError, match="p_rot90"):
+        Augmenter(0, p_rot90=1.5)
+    with pytest.raises(ConfigError, match="train.augment.p_rot90"):
+        load_run_config(None, ["train.augment.p_rot90=-0.2"])
+    cfg = load_run_config(None, ["train.augment.p_rot90=0.5", "model.num_classes=1"])
+    wired = _augmenter(cfg.train)
+    assert wired is not None and wired.p_rot90 == 0.5 and wired.p_flip_rot90 == 0.0
+
+
 def test_flip_rot90_of_non_square_slices_is_resized_by_the_dataset() -> None:
     image, _ = _ramp(20, 30)
     lab = (image > 0.6).astype(np.uint8)

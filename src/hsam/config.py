@@ -344,6 +344,9 @@ class AugmentConfig:
     # Probability of rot90 by k in {0..3} plus a flip along a random axis, image and label
     # together (SSL4MIS ACDC random_rot_flip; paper: none).
     p_flip_rot90: float = 0.0
+    # Probability of rot90 by k in {1, 2, 3} without a flip, image and label together: the
+    # anatomy keeps its handedness (ACDC stores about 1 patient in 5 rotated by 90 degrees).
+    p_rot90: float = 0.0
     # Probability of x -> clip(a (x - mean) + mean + b, 0, 1) (nnU-Net contrast/brightness).
     p_contrast: float = 0.0
     # Contrast factor a, uniform in [low, high], low > 0 (nnU-Net: [0.75, 1.25]).
@@ -358,7 +361,15 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         where = "train.augment"
-        for name in ("p_rotate", "p_scale", "p_elastic", "p_flip_rot90", "p_contrast", "p_gamma"):
+        for name in (
+            "p_rotate",
+            "p_scale",
+            "p_elastic",
+            "p_flip_rot90",
+            "p_rot90",
+            "p_contrast",
+            "p_gamma",
+        ):
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
                 raise ConfigError(f"{where}.{name}={p} must be a probability in [0, 1].")

@@ -1,5 +1,5 @@
 """Training augmentation of 2-D slices: geometric (rotation, scaling, elastic deformation,
-optionally rot90/flip) and optional intensity (contrast/brightness, gamma).
+optionally rot90, or rot90 and flip) and optional intensity (contrast/brightness, gamma).
 
 The rotation, scaling and elastic transforms are composed into ONE backward coordinate map
 (output pixel -> input position), so each sample is resampled once. The image is interpolated
@@ -17,6 +17,10 @@ the coordinate map:
   flip always follows, so the result is one of the 4 mirror images of the slice (never a pure
   rotation). For a non-square slice an odd ``k`` swaps height and width; ``SliceDataset``
   resizes to ``S x S`` afterwards.
+* ``rot90``: ``np.rot90`` by ``k`` uniform in {1, 2, 3}, image and label together, no flip: the
+  anatomy keeps its handedness (a mirrored heart puts the right ventricle where the left one
+  is, which no scan shows), only its orientation in the slice changes. For scanners that store
+  some patients' slices rotated by 90 degrees (ACDC: about 1 patient in 5).
 * ``contrast`` (nnU-Net contrast + additive brightness): ``clip(a * (x - m) + m + b, 0, 1)`` with
   ``m`` the slice mean, ``a`` uniform in ``contrast_range``, ``b`` uniform in
   ``brightness_range``.
@@ -51,7 +55,7 @@ __all__ = ["Augmenter", "AUGMENT_OPS", "EXTRA_OPS"]
 #: Names of the transforms, in the order they are composed (rotate, then scale, then elastic).
 AUGMENT_OPS = ("rotate", "scale", "elastic")
 #: Names of the optional extras (default off), in the order they follow the coordinate map.
-EXTRA_OPS = ("flip_rot90", "contrast", "gamma")
+EXTRA_OPS = ("flip_rot90", "rot90", "contrast", "gamma")
 
 
 def _check_probability(name: str, p: float) -> None:
@@ -95,6 +99,8 @@ class Augmenter:
             three only; the extras below always have independent probabilities.
         p_flip_rot90: probability of ``np.rot90`` by ``k`` uniform in {0, 1, 2, 3} followed by a
             flip along a random axis (SSL4MIS ACDC ``random_rot_flip``). Default 0 (off).
+        p_rot90: probability of ``np.rot90`` by ``k`` uniform in {1, 2, 3}, without a flip
+            (handedness kept). Default 0 (off).
         p_contrast: probability of ``clip(a * (x - mean) + mean + b, 0, 1)``, ``a`` uniform in
             ``contrast_range``, ``b`` uniform in ``brightness_range`` (nnU-Net). Default 0.
         contrast_range: ``(low, high)`` contrast factors, ``0 < low <= high``. Default
@@ -125,6 +131,7 @@ class Augmenter:
         image_order: int = 1,
         mode: str = "independent",
         p_flip_rot90: float = 0.0,
+        p_rot90: float = 0.0,
         p_contrast: float = 0.0,
         contrast_range: Sequence[float] = (0.65, 1.5),
         brightness_range: Sequence[float] = (-0.15, 0.15),
@@ -136,6 +143,7 @@ class Augmenter:
             ("p_scale", p_scale),
             ("p_elastic", p_elastic),
             ("p_flip_rot90", p_flip_rot90),
+            ("p_rot90", p_rot90),
             ("p_contrast", p_contrast),
             ("p_gamma", p_gamma),
         ):
@@ -179,6 +187,7 @@ class Augmenter:
         self.image_order = int(image_order)
         self.mode = mode
         self.p_flip_rot90 = float(p_flip_rot90)
+        self.p_rot90 = float(p_rot90)
         self.p_contrast = float(p_contrast)
         self.contrast_range = (c_lo, c_hi)
         self.brightness_range = (b_lo, b_hi)
@@ -216,7 +225,7 @@ class Augmenter:
 
         Returns:
             ``(image, label)``: float32 and the label in its input dtype, both ``(H, W)``, or
-            ``(W, H)`` after an odd rot90 of a non-square slice (``flip_rot90``).
+            ``(W, H)`` after an odd rot90 of a non-square slice (``flip_rot90``, ``rot90``).
         """
         image = np.asarray(image)
         if image.ndim != 2:
@@ -240,6 +249,12 @@ class Augmenter:
             if label is not None:
                 label = np.ascontiguousarray(np.flip(np.rot90(label, k), axis))
             extras.append("flip_rot90")
+        if self.p_rot90 > 0 and rng.random() < self.p_rot90:
+            k = int(rng.integers(1, 4))
+            image = np.ascontiguousarray(np.rot90(image, k))
+            if label is not None:
+                label = np.ascontiguousarray(np.rot90(label, k))
+            extras.append("rot90")
         if self.p_contrast > 0 and rng.random() < self.p_contrast:
             a = rng.uniform(*self.contrast_range)
             b = rng.uniform(*self.brightness_range)

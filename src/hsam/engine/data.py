@@ -64,6 +64,7 @@ def _augmenter(cfg: TrainConfig) -> Augmenter | None:
         scale_range=tuple(aug.scale_range),
         p_elastic=aug.p_elastic,
         p_flip_rot90=aug.p_flip_rot90,
+        p_rot90=aug.p_rot90,
         p_contrast=aug.p_contrast,
         contrast_range=tuple(aug.contrast_range),
         brightness_range=tuple(aug.brightness_range),

@@ -1,0 +1,73 @@
+"""benchmarks/acdc_validation.py: which frames it scores, and its per-frame report."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import REPO, make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def acdc_validation():
+    path = REPO / "benchmarks" / "acdc_validation.py"
+    spec = importlib.util.spec_from_file_location("acdc_validation", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _acdc_slices(root: Path, patients: list[str], shape: tuple[int, int]) -> None:
+    """Two frames of 2 slices per patient, listed patient by patient as SSL4MIS lists them."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for patient in patients:
+        for frame in ("frame01", "frame02"):
+            for index in (0, 1):
+                name = f"{patient}_{frame}_slice_{index}"
+                label = np.zeros(shape, np.uint8)
+                label[4:12, 4:10] = 1 + index
+                label[14:20, 12:18] = 3
+                path = root / "data" / "slices" / f"{name}.h5"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with h5py.File(path, "w") as f:
+                    f["image"] = rng.random(shape).astype(np.float32)
+                    f["label"] = label
+                lines.append(name)
+    (root / "train_slices.list").write_text("\n".join(lines) + "\n")
+
+
+def test_validation_frames_skip_the_labelled_patients(tmp_path, acdc_validation):
+    _acdc_slices(tmp_path, ["patient001", "patient002", "patient003", "patient004"], (24, 20))
+    # The first 4 lines are patient001's frame01: all of patient001 is labelled, never scored.
+    frames = acdc_validation.validation_frames(tmp_path, labelled_lines=4, every=1)
+    ids = [c.case_id for c in frames]
+    assert ids == [f"patient00{p}_frame0{f}" for p in (2, 3, 4) for f in (1, 2)]
+    assert all(c.image.shape == (2, 24, 20) for c in frames)
+    every_other = acdc_validation.validation_frames(tmp_path, labelled_lines=4, every=2)
+    assert [c.case_id for c in every_other] == ids[:2] + ids[4:]
+
+
+def test_per_frame_logs_each_frames_shape_and_class_dice(tmp_path, acdc_validation, caplog):
+    _acdc_slices(tmp_path, ["patient001", "patient002"], (24, 20))
+    ckpt = make_checkpoint(tmp_path / "k3.pt", num_classes=3, trained=False)
+    argv = [str(ckpt), "--root", str(tmp_path), "--labelled-lines", "4", "--every", "1"]
+    with caplog.at_level(logging.INFO, logger="acdc_validation"):
+        assert acdc_validation.main([*argv, "--stages", "fused", "--per-frame"]) == 0
+    rows = [r.getMessage() for r in caplog.records if r.getMessage().startswith("  ")]
+    assert [r.split()[0] for r in rows] == ["patient002_frame01", "patient002_frame02"]
+    for row in rows:
+        assert "(2, 24, 20) fused [" in row
+        per_class = [float(v) for v in row.split("[")[1].rstrip("]").split(",")]
+        assert len(per_class) == 3 and all(0.0 <= v <= 100.0 for v in per_class)
+    summary = caplog.records[-1].getMessage()
+    assert summary.startswith(str(ckpt)) and "'fused'" in summary
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="acdc_validation"):
+        acdc_validation.main([*argv, "--stages", "fused"])
+    assert not any(r.getMessage().startswith("  ") for r in caplog.records)
