@@ -273,19 +273,26 @@ def test_intensity_ops_follow_geometric_ones() -> None:
     np.testing.assert_allclose(b_img, np.clip(g_img, 0, 1) ** 2, rtol=1e-5, atol=1e-7)
 
 
+def _exact_outputs(aug: Augmenter, image: np.ndarray, lab: np.ndarray, op: str, n: int = 60):
+    """`n` images from `aug` applying only the exact (no resampling) extra `op`, each checked
+    to have moved its label with it."""
+    for _ in range(n):
+        out_img, out_lab = aug(image, lab)
+        assert aug.last_applied == (op,)
+        assert out_lab.dtype == lab.dtype and out_img.dtype == np.float32
+        assert out_img.shape in (image.shape, image.shape[::-1]) and out_lab.shape == out_img.shape
+        # the label is still the same function of the image: moved together, no resampling
+        np.testing.assert_array_equal(out_lab, (out_img * 7).astype(np.uint8))
+        np.testing.assert_array_equal(np.sort(out_img, None), np.sort(image, None))
+        yield out_img
+
+
 @pytest.mark.parametrize("shape", [(48, 40), (32, 32)])
 def test_flip_rot90_moves_image_and_label_together(shape: tuple[int, int]) -> None:
     image, lab = _ramp(*shape)
     aug = Augmenter(1, p_rotate=0, p_scale=0, p_elastic=0, p_flip_rot90=1.0)
     seen = set()
-    for _ in range(60):
-        out_img, out_lab = aug(image, lab)
-        assert aug.last_applied == ("flip_rot90",)
-        assert out_lab.dtype == lab.dtype and out_img.dtype == np.float32
-        assert out_img.shape in (shape, shape[::-1]) and out_lab.shape == out_img.shape
-        # the label is still the same function of the image: moved together, no resampling
-        np.testing.assert_array_equal(out_lab, (out_img * 7).astype(np.uint8))
-        np.testing.assert_array_equal(np.sort(out_img, None), np.sort(image, None))
+    for out_img in _exact_outputs(aug, image, lab, "flip_rot90"):
         seen.add(out_img.tobytes())
         # SSL4MIS always flips after the rot90, so the result is one of the 4 mirror images
         assert not any(np.array_equal(out_img, np.rot90(image, k)) for k in range(4))
@@ -300,11 +307,7 @@ def test_rot90_turns_image_and_label_together_and_never_mirrors(shape: tuple[int
     image, lab = _ramp(*shape)
     aug = Augmenter(1, p_rotate=0, p_scale=0, p_elastic=0, p_rot90=1.0)
     ks = set()
-    for _ in range(60):
-        out_img, out_lab = aug(image, lab)
-        assert aug.last_applied == ("rot90",)
-        assert out_lab.dtype == lab.dtype and out_img.dtype == np.float32
-        np.testing.assert_array_equal(out_lab, (out_img * 7).astype(np.uint8))
+    for out_img in _exact_outputs(aug, image, lab, "rot90"):
         # always a real rotation of the slice (k in 1..3), never a mirror image: handedness
         # (which side the right ventricle is on, looking along the rotation) is kept
         k = [k for k in range(4) if np.array_equal(out_img, np.rot90(image, k))]
