@@ -172,7 +172,8 @@ _EXTRAS_OFF = dict(p_flip_rot90=0.0, p_contrast=0.0, p_gamma=0.0)
 def test_extras_default_off_and_do_not_change_geometric_draws() -> None:
     image, lab = _ramp()
     default = Augmenter(21, **_GEOMETRIC)
-    assert (default.p_flip_rot90, default.p_contrast, default.p_gamma) == (0.0, 0.0, 0.0)
+    assert (default.p_flip_rot90, default.p_rot90) == (0.0, 0.0)
+    assert (default.p_contrast, default.p_gamma) == (0.0, 0.0)
     explicit = Augmenter(21, **_GEOMETRIC, **_EXTRAS_OFF)
     # intensity-only extras draw after the geometric ones: for the same per-sample generator
     # (as SliceDataset passes) the geometry is unchanged
@@ -318,24 +319,6 @@ def test_rot90_turns_image_and_label_together_and_never_mirrors(shape: tuple[int
     np.testing.assert_array_equal(off(image, lab)[0], image)
 
 
-def test_rot90_probability_and_config_wiring() -> None:
-    img = np.full((8, 8), 0.5, np.float32)
-    aug = Augmenter(4, p_rotate=0, p_scale=0, p_elastic=0, p_rot90=0.3)
-    n = 1000
-    hits = 0
-    for _ in range(n):
-        aug(img)
-        hits += aug.last_applied == ("rot90",)
-    assert abs(hits / n - 0.3) < 0.05
-    with pytest.raises(ConfigError, match="p_rot90"):
-        Augmenter(0, p_rot90=1.5)
-    with pytest.raises(ConfigError, match="train.augment.p_rot90"):
-        load_run_config(None, ["train.augment.p_rot90=-0.2"])
-    cfg = load_run_config(None, ["train.augment.p_rot90=0.5", "model.num_classes=1"])
-    wired = _augmenter(cfg.train)
-    assert wired is not None and wired.p_rot90 == 0.5 and wired.p_flip_rot90 == 0.0
-
-
 def test_flip_rot90_of_non_square_slices_is_resized_by_the_dataset() -> None:
     image, _ = _ramp(20, 30)
     lab = (image > 0.6).astype(np.uint8)
@@ -359,15 +342,23 @@ def test_flip_rot90_of_non_square_slices_is_resized_by_the_dataset() -> None:
 def test_extras_probabilities() -> None:
     img = np.full((8, 8), 0.5, np.float32)
     aug = Augmenter(
-        2, p_rotate=0, p_scale=0, p_elastic=0, p_flip_rot90=0.5, p_contrast=0.3, p_gamma=0.8
+        2,
+        p_rotate=0,
+        p_scale=0,
+        p_elastic=0,
+        p_flip_rot90=0.5,
+        p_rot90=0.3,
+        p_contrast=0.3,
+        p_gamma=0.8,
     )
-    counts = {"flip_rot90": 0, "contrast": 0, "gamma": 0}
+    counts = {"flip_rot90": 0, "rot90": 0, "contrast": 0, "gamma": 0}
     n = 1000
     for _ in range(n):
         aug(img)
         for op in aug.last_applied:
             counts[op] += 1
     assert abs(counts["flip_rot90"] / n - 0.5) < 0.05
+    assert abs(counts["rot90"] / n - 0.3) < 0.05
     assert abs(counts["contrast"] / n - 0.3) < 0.05
     assert abs(counts["gamma"] / n - 0.8) < 0.05
 
@@ -378,6 +369,8 @@ def test_extras_probabilities() -> None:
         (dict(p_gamma=1.2), "p_gamma"),
         (dict(p_contrast=-0.1), "p_contrast"),
         (dict(p_flip_rot90=2.0), "p_flip_rot90"),
+        (dict(p_rot90=1.5), "p_rot90"),
+        (dict(p_rot90=-0.2), "p_rot90"),
         (dict(gamma_range=(0.0, 2.0)), "gamma_range"),
         (dict(gamma_range=(2.0, 0.5)), "gamma_range.*low <= high"),
         (dict(gamma_range=(0.5, 1.0, 2.0)), "gamma_range.*two numbers"),
@@ -403,7 +396,8 @@ def test_run_config_validates_and_wires_the_extras() -> None:
         load_run_config(None, ["train.augment.scale_range=[0, 1.2]"])
     defaults = _augmenter(TrainConfig())
     assert defaults is not None
-    assert (defaults.p_flip_rot90, defaults.p_contrast, defaults.p_gamma) == (0.0, 0.0, 0.0)
+    assert (defaults.p_flip_rot90, defaults.p_rot90) == (0.0, 0.0)
+    assert (defaults.p_contrast, defaults.p_gamma) == (0.0, 0.0)
     cfg = load_run_config(
         None,
         [
@@ -413,6 +407,7 @@ def test_run_config_validates_and_wires_the_extras() -> None:
             "train.augment.contrast_range=[0.5, 1.2]",
             "train.augment.brightness_range=[-0.3, 0.1]",
             "train.augment.p_flip_rot90=0.5",
+            "train.augment.p_rot90=0.25",
             "model.num_classes=1",
         ],
     )
@@ -421,3 +416,4 @@ def test_run_config_validates_and_wires_the_extras() -> None:
     assert aug.p_gamma == 0.3 and aug.gamma_range == (0.4, 3.0)
     assert aug.p_contrast == 0.2 and aug.contrast_range == (0.5, 1.2)
     assert aug.brightness_range == (-0.3, 0.1) and aug.p_flip_rot90 == 0.5
+    assert aug.p_rot90 == 0.25

@@ -72,6 +72,19 @@ def _check_pair(name: str, value: Sequence[float]) -> tuple[float, float]:
     return lo, hi
 
 
+def _turn(
+    image: np.ndarray, label: np.ndarray | None, k: int, *, flip_axis: int | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``np.rot90`` by ``k``, then a flip along ``flip_axis`` if given, of image and label
+    alike (exact: no resampling)."""
+
+    def move(a: np.ndarray) -> np.ndarray:
+        a = np.rot90(a, k)
+        return np.ascontiguousarray(a if flip_axis is None else np.flip(a, flip_axis))
+
+    return move(image), None if label is None else move(label)
+
+
 class Augmenter:
     """Random rotation, scaling and elastic deformation of an ``(H, W)`` image/label pair,
     optionally followed by rot90/flip, contrast/brightness and gamma (default off).
@@ -245,15 +258,10 @@ class Augmenter:
         extras: list[str] = []
         if self.p_flip_rot90 > 0 and rng.random() < self.p_flip_rot90:
             k, axis = int(rng.integers(4)), int(rng.integers(2))
-            image = np.ascontiguousarray(np.flip(np.rot90(image, k), axis))
-            if label is not None:
-                label = np.ascontiguousarray(np.flip(np.rot90(label, k), axis))
+            image, label = _turn(image, label, k, flip_axis=axis)
             extras.append("flip_rot90")
         if self.p_rot90 > 0 and rng.random() < self.p_rot90:
-            k = int(rng.integers(1, 4))
-            image = np.ascontiguousarray(np.rot90(image, k))
-            if label is not None:
-                label = np.ascontiguousarray(np.rot90(label, k))
+            image, label = _turn(image, label, int(rng.integers(1, 4)))
             extras.append("rot90")
         if self.p_contrast > 0 and rng.random() < self.p_contrast:
             a = rng.uniform(*self.contrast_range)
