@@ -7,7 +7,8 @@ the test list. This is how the README's ACDC recipe choices were measured, e.g.
     python benchmarks/acdc_validation.py runs/a/checkpoints/final.pt runs/b/checkpoints/final.pt
 
 prints, per checkpoint, the mean Dice of RV/Myo/LV for stage 1, stage 2 and the fused output
-(`--stages`), without and with flip test-time augmentation (`--tta none flip`).
+(`--stages`), without and with flip test-time augmentation (`--tta none flip`), and each
+class's mean over the frames.
 """
 
 from __future__ import annotations
@@ -113,14 +114,19 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 variants[stage if tta == "none" else f"{stage}+{tta}"] = predictor
         # One call: the variants share each slice's encoder prefix (per flip).
-        dices: dict[str, list[float]] = defaultdict(list)
+        dices: dict[str, list[list[float]]] = defaultdict(list)  # per frame, per class
         evaluations = evaluate_cases(list(variants.values()), cases, metrics="dice")
         for case, evaluation in zip(cases, evaluations, strict=True):
             for key, score in zip(variants, evaluation.scores, strict=True):
-                dices[key] += score.dice
+                dices[key].append(score.dice)
                 if args.per_frame:
                     per_class = [round(100 * d, 1) for d in score.dice]
                     logger.info("  %s %s %s %s", case.case_id, case.image.shape, key, per_class)
+        per_class = {
+            key: [round(100 * float(v), 1) for v in np.mean(values, axis=0)]
+            for key, values in dices.items()
+        }
+        logger.info("%s per-class mean Dice (RV, Myo, LV) %s", checkpoint, per_class)
         row = {key: round(100 * float(np.mean(values)), 2) for key, values in dices.items()}
         logger.info("%s %s", checkpoint, row)
     return 0

@@ -67,6 +67,13 @@ def test_per_frame_logs_each_frames_shape_and_class_dice(tmp_path, acdc_validati
         assert len(per_class) == 3 and all(0.0 <= v <= 100.0 for v in per_class)
     summary = caplog.records[-1].getMessage()
     assert summary.startswith(str(ckpt)) and "'fused'" in summary
+    # The per-class line holds each class's mean over the frames, whose mean is the summary.
+    classes = caplog.records[-2].getMessage()
+    assert classes.startswith(f"{ckpt} per-class mean Dice")
+    class_means = [float(v) for v in classes.split("[")[1].rstrip("]}").split(",")]
+    frame_rows = [[float(v) for v in r.split("[")[1].rstrip("]").split(",")] for r in rows]
+    assert class_means == pytest.approx(np.mean(frame_rows, axis=0), abs=0.06)
+    assert float(summary.split(":")[1].rstrip("}")) == pytest.approx(np.mean(class_means), abs=0.06)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="acdc_validation"):
         acdc_validation.main([*argv, "--stages", "fused"])
