@@ -170,6 +170,7 @@ def train_seed(
             "best_val_dice": result.best_val_dice,
             "train_seconds": time.time() - t,
             "prefix_cache_seconds": cache_s,
+            "torch_threads": torch.get_num_threads(),
         }
         atomic_write_text(_record_path(out, seed, name), json.dumps(record, indent=2))
         records.append(record)
@@ -385,6 +386,15 @@ def _augmentation_note(aug: Any) -> str:
     return ", ".join(parts)
 
 
+def _threads_note(records: list[dict[str, Any]]) -> str:
+    """The torch threads the runs trained with (a later call that reuses them may differ)."""
+    threads = {r.get("torch_threads") for r in records}
+    if None in threads:  # records written before runs stored their thread count
+        return f"{torch.get_num_threads()} torch threads in this call (runs did not record theirs)"
+    low, high = min(threads), max(threads)
+    return f"{low if low == high else f'{low}-{high}'} torch threads per training run"
+
+
 def _evaluation_note(seconds: float, reused: int, runs: int) -> str:
     if reused == runs:  # this call only checked the stored evaluations' keys
         return f"test evaluations of all {runs} runs reused from earlier calls"
@@ -435,8 +445,8 @@ def render(
         "legacy policy (the paper's convention: Dice, HD95 in voxels); checkpoint chosen on "
         f"{' / '.join(selected)} ({_validation_note(Path(args.out), records)}).",
         f"- machine: {platform.processor() or platform.machine()} "
-        f"({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} "
-        f"torch threads, torch {torch.__version__}; encoder prefix cache "
+        f"({torch.backends.cpu.get_cpu_capability()}), {_threads_note(records)}, "
+        f"torch {torch.__version__}; encoder prefix cache "
         f"{statistics.fmean(cache_seconds.values()) if cache_seconds else 0:.0f} s per seed "
         f"(shared by its runs); {_evaluation_note(eval_seconds, reused, len(records))}.",
         "",

@@ -95,6 +95,18 @@ def test_evaluation_note_says_what_was_evaluated(fewshot):
     )
 
 
+def test_threads_note_reports_the_training_runs_threads(fewshot, monkeypatch):
+    monkeypatch.setattr(fewshot.torch, "get_num_threads", lambda: 8)
+    one = [{"torch_threads": 1}, {"torch_threads": 1}]
+    assert fewshot._threads_note(one) == "1 torch threads per training run"
+    mixed = [{"torch_threads": 2}, {"torch_threads": 1}]
+    assert fewshot._threads_note(mixed) == "1-2 torch threads per training run"
+    # Older records carry no count: the note says whose count it gives instead.
+    assert fewshot._threads_note([{"torch_threads": 1}, {}]) == (
+        "8 torch threads in this call (runs did not record theirs)"
+    )
+
+
 def test_a_full_section_replaces_the_partial_one(tmp_path, fewshot):
     results = tmp_path / "results.md"
     results.write_text(
@@ -187,6 +199,7 @@ def test_fewshot_end_to_end_on_a_tiny_protocol(tmp_path, fewshot):
     }
     run = next(r for r in out["runs"] if (r["seed"], r["name"]) == (1, "hsam"))
     assert run["selected_on"] == "validation"
+    assert f"{run['torch_threads']} torch threads per training run" in section
     loaded = load_checkpoint(run["checkpoint"])
     model = loaded.built.model.eval()
     scores = []
