@@ -122,11 +122,11 @@ def main(argv: list[str] | None = None) -> int:
                 if args.per_frame:
                     per_class = [round(100 * d, 1) for d in score.dice]
                     logger.info("  %s %s %s %s", case.case_id, case.image.shape, key, per_class)
-        per_class = {
+        class_means = {
             key: [round(100 * float(v), 1) for v in np.mean(values, axis=0)]
             for key, values in dices.items()
         }
-        logger.info("%s per-class mean Dice (RV, Myo, LV) %s", checkpoint, per_class)
+        logger.info("%s per-class mean Dice (RV, Myo, LV) %s", checkpoint, class_means)
         row = {key: round(100 * float(np.mean(values)), 2) for key, values in dices.items()}
         logger.info("%s %s", checkpoint, row)
     return 0
