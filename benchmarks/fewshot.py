@@ -379,6 +379,11 @@ def _augmentation_note(aug: Any) -> str:
         parts.append(f"flip/rot90 (p {aug.p_flip_rot90})")
     if aug.p_rot90 > 0:
         parts.append(f"rot90 without flip (p {aug.p_rot90})")
+    if aug.p_bias_field > 0:
+        parts.append(
+            f"bias field (order {aug.bias_field_order}, coefficients up to "
+            f"{aug.bias_field_coefficient}; p {aug.p_bias_field})"
+        )
     if aug.p_contrast > 0:
         parts.append(f"contrast {aug.contrast_range} (p {aug.p_contrast})")
     if aug.p_gamma > 0:

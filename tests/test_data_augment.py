@@ -166,7 +166,7 @@ def _ramp(h: int = 48, w: int = 40) -> tuple[np.ndarray, np.ndarray]:
 
 
 _GEOMETRIC = dict(p_rotate=0.7, p_scale=0.7, p_elastic=0.5)
-_EXTRAS_OFF = dict(p_flip_rot90=0.0, p_contrast=0.0, p_gamma=0.0)
+_EXTRAS_OFF = dict(p_flip_rot90=0.0, p_bias_field=0.0, p_contrast=0.0, p_gamma=0.0)
 
 
 def test_extras_default_off_and_do_not_change_geometric_draws() -> None:
@@ -177,7 +177,7 @@ def test_extras_default_off_and_do_not_change_geometric_draws() -> None:
     explicit = Augmenter(21, **_GEOMETRIC, **_EXTRAS_OFF)
     # intensity-only extras draw after the geometric ones: for the same per-sample generator
     # (as SliceDataset passes) the geometry is unchanged
-    intensity = Augmenter(21, **_GEOMETRIC, p_contrast=1.0, p_gamma=1.0)
+    intensity = Augmenter(21, **_GEOMETRIC, p_bias_field=1.0, p_contrast=1.0, p_gamma=1.0)
     for i in range(20):
         i0, l0 = default(image, lab, rng=np.random.default_rng([21, i]))
         ops = default.last_applied
@@ -187,7 +187,7 @@ def test_extras_default_off_and_do_not_change_geometric_draws() -> None:
         np.testing.assert_array_equal(l0, l1)
         np.testing.assert_array_equal(l0, l2)
         assert set(ops) <= {"rotate", "scale", "elastic"}
-        assert intensity.last_applied == ops + ("contrast", "gamma")
+        assert intensity.last_applied == ops + ("bias_field", "contrast", "gamma")
     # the paper config (no geometric op drawn either) is an exact copy
     ident = Augmenter(0, p_rotate=0, p_scale=0, p_elastic=0)
     out_img, out_lab = ident(image, lab)
@@ -199,6 +199,7 @@ def test_extras_default_off_and_do_not_change_geometric_draws() -> None:
     "kw, op",
     [
         (dict(p_gamma=1.0, gamma_range=(0.5, 2.0)), "gamma"),
+        (dict(p_bias_field=1.0, bias_field_coefficient=0.5), "bias_field"),
         (
             dict(p_contrast=1.0, contrast_range=(0.65, 1.5), brightness_range=(-0.15, 0.15)),
             "contrast",
@@ -223,6 +224,55 @@ def test_intensity_ops_change_image_keep_range_and_label(kw: dict, op: str) -> N
         image, lab, rng=np.random.default_rng(9)
     )[0]
     np.testing.assert_array_equal(a, b)
+
+
+def _monomials(shape: tuple[int, int], order: int) -> np.ndarray:
+    y, x = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
+    terms = [y**i * x**j for i in range(order + 1) for j in range(order + 1 - i)]
+    return np.stack([t.ravel() for t in terms], axis=1)
+
+
+def test_bias_field_is_a_smooth_multiplicative_polynomial_field() -> None:
+    shape = (24, 20)
+    image = np.full(shape, 0.2, np.float32)  # no clipping: |log field| <= 6 * 0.1
+    aug = Augmenter(
+        3,
+        p_rotate=0,
+        p_scale=0,
+        p_elastic=0,
+        p_bias_field=1.0,
+        bias_field_coefficient=0.1,
+        bias_field_order=2,
+    )
+    for _ in range(10):
+        out, _ = aug(image)
+        assert aug.last_applied == ("bias_field",)
+        log_field = np.log(out.astype(np.float64) / 0.2).ravel()
+        assert np.abs(log_field).max() <= 6 * 0.1 + 1e-5
+        # exactly a degree-2 polynomial in the slice coordinates, and not a degree-1 one
+        for order, fits in ((2, True), (1, False)):
+            basis = _monomials(shape, order)
+            coef = np.linalg.lstsq(basis, log_field, rcond=None)[0]
+            residual = np.abs(basis @ coef - log_field).max()
+            assert (residual < 1e-5) == fits, (order, residual)
+
+
+def test_bias_field_can_make_a_dimmer_region_the_brighter_one() -> None:
+    # Global monotone ops (contrast, gamma) keep the brighter patch brighter; a bias field
+    # does not, which is what a scan whose blood pool is not its brightest structure needs.
+    image = np.full((32, 32), 0.1, np.float32)
+    image[4:12, 4:12] = 0.6
+    image[20:28, 20:28] = 0.5
+    swaps = {}
+    for name, kw in (
+        ("bias_field", dict(p_bias_field=1.0)),
+        ("global", dict(p_contrast=1.0, p_gamma=1.0)),
+    ):
+        aug = Augmenter(8, p_rotate=0, p_scale=0, p_elastic=0, **kw)
+        outs = [aug(image)[0] for _ in range(200)]
+        swaps[name] = sum(o[20:28, 20:28].mean() > o[4:12, 4:12].mean() for o in outs)
+    assert swaps["global"] == 0
+    assert 20 <= swaps["bias_field"] <= 180
 
 
 def test_gamma_is_a_monotone_power_in_range() -> None:
@@ -348,10 +398,11 @@ def test_extras_probabilities() -> None:
         p_elastic=0,
         p_flip_rot90=0.5,
         p_rot90=0.3,
+        p_bias_field=0.4,
         p_contrast=0.3,
         p_gamma=0.8,
     )
-    counts = {"flip_rot90": 0, "rot90": 0, "contrast": 0, "gamma": 0}
+    counts = {"flip_rot90": 0, "rot90": 0, "bias_field": 0, "contrast": 0, "gamma": 0}
     n = 1000
     for _ in range(n):
         aug(img)
@@ -359,6 +410,7 @@ def test_extras_probabilities() -> None:
             counts[op] += 1
     assert abs(counts["flip_rot90"] / n - 0.5) < 0.05
     assert abs(counts["rot90"] / n - 0.3) < 0.05
+    assert abs(counts["bias_field"] / n - 0.4) < 0.05
     assert abs(counts["contrast"] / n - 0.3) < 0.05
     assert abs(counts["gamma"] / n - 0.8) < 0.05
 
@@ -371,6 +423,10 @@ def test_extras_probabilities() -> None:
         (dict(p_flip_rot90=2.0), "p_flip_rot90"),
         (dict(p_rot90=1.5), "p_rot90"),
         (dict(p_rot90=-0.2), "p_rot90"),
+        (dict(p_bias_field=1.5), "p_bias_field"),
+        (dict(bias_field_coefficient=-0.1), "bias_field_coefficient"),
+        (dict(bias_field_order=0), "bias_field_order"),
+        (dict(bias_field_order=1.5), "bias_field_order"),
         (dict(gamma_range=(0.0, 2.0)), "gamma_range"),
         (dict(gamma_range=(2.0, 0.5)), "gamma_range.*low <= high"),
         (dict(gamma_range=(0.5, 1.0, 2.0)), "gamma_range.*two numbers"),
@@ -408,6 +464,9 @@ def test_run_config_validates_and_wires_the_extras() -> None:
             "train.augment.brightness_range=[-0.3, 0.1]",
             "train.augment.p_flip_rot90=0.5",
             "train.augment.p_rot90=0.25",
+            "train.augment.p_bias_field=0.4",
+            "train.augment.bias_field_coefficient=0.3",
+            "train.augment.bias_field_order=2",
             "model.num_classes=1",
         ],
     )
@@ -417,3 +476,4 @@ def test_run_config_validates_and_wires_the_extras() -> None:
     assert aug.p_contrast == 0.2 and aug.contrast_range == (0.5, 1.2)
     assert aug.brightness_range == (-0.3, 0.1) and aug.p_flip_rot90 == 0.5
     assert aug.p_rot90 == 0.25
+    assert (aug.p_bias_field, aug.bias_field_coefficient, aug.bias_field_order) == (0.4, 0.3, 2)

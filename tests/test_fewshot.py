@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from conftest import REPO, ellipsoid_label, write_nnunet_dataset
+from hsam.config import AugmentConfig
 from hsam.data import read_dataset
 from hsam.engine.data import prepare_case
 from hsam.evaluation.metrics import dice
@@ -104,6 +105,18 @@ def test_threads_note_reports_the_training_runs_threads(fewshot, monkeypatch):
     # Older records carry no count: the note says whose count it gives instead.
     assert fewshot._threads_note([{"torch_threads": 1}, {}]) == (
         "8 torch threads in this call (runs did not record theirs)"
+    )
+
+
+def test_augmentation_note_names_each_enabled_extra(fewshot):
+    assert fewshot._augmentation_note(AugmentConfig()) == "rotation, scaling, elastic"
+    assert fewshot._augmentation_note(AugmentConfig(enabled=False)) == "none"
+    note = fewshot._augmentation_note(
+        AugmentConfig(p_bias_field=0.5, bias_field_coefficient=0.3, p_gamma=0.2)
+    )
+    assert note == (
+        "rotation, scaling, elastic, bias field (order 3, coefficients up to 0.3; p 0.5), "
+        "gamma [0.5, 2.0] (p 0.2)"
     )
 
 

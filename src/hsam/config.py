@@ -347,6 +347,13 @@ class AugmentConfig:
     # Probability of rot90 by k in {1, 2, 3} without a flip, image and label together: the
     # anatomy keeps its handedness (ACDC stores about 1 patient in 5 rotated by 90 degrees).
     p_rot90: float = 0.0
+    # Probability of x -> clip(x * exp(f), 0, 1), f a random polynomial over the slice (MR
+    # bias field, TorchIO RandomBiasField): regions change brightness relative to each other.
+    p_bias_field: float = 0.0
+    # Largest absolute coefficient of the log-field polynomial (TorchIO: 0.5), >= 0.
+    bias_field_coefficient: float = 0.5
+    # Degree of the log-field polynomial, >= 1 (TorchIO: 3).
+    bias_field_order: int = 3
     # Probability of x -> clip(a (x - mean) + mean + b, 0, 1) (nnU-Net contrast/brightness).
     p_contrast: float = 0.0
     # Contrast factor a, uniform in [low, high], low > 0 (nnU-Net: [0.75, 1.25]).
@@ -367,12 +374,21 @@ class AugmentConfig:
             "p_elastic",
             "p_flip_rot90",
             "p_rot90",
+            "p_bias_field",
             "p_contrast",
             "p_gamma",
         ):
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
                 raise ConfigError(f"{where}.{name}={p} must be a probability in [0, 1].")
+        if not (math.isfinite(self.bias_field_coefficient) and self.bias_field_coefficient >= 0):
+            raise ConfigError(
+                f"{where}.bias_field_coefficient={self.bias_field_coefficient} must be >= 0."
+            )
+        if int(self.bias_field_order) != self.bias_field_order or self.bias_field_order < 1:
+            raise ConfigError(
+                f"{where}.bias_field_order={self.bias_field_order} must be an integer >= 1."
+            )
         if not (math.isfinite(self.max_angle) and self.max_angle >= 0):
             raise ConfigError(f"{where}.max_angle={self.max_angle} must be >= 0 degrees.")
         for name, positive in (

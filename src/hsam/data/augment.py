@@ -1,5 +1,6 @@
 """Training augmentation of 2-D slices: geometric (rotation, scaling, elastic deformation,
-optionally rot90, or rot90 and flip) and optional intensity (contrast/brightness, gamma).
+optionally rot90, or rot90 and flip) and optional intensity (bias field, contrast/brightness,
+gamma).
 
 The rotation, scaling and elastic transforms are composed into ONE backward coordinate map
 (output pixel -> input position), so each sample is resampled once. The image is interpolated
@@ -21,6 +22,13 @@ the coordinate map:
   anatomy keeps its handedness (a mirrored heart puts the right ventricle where the left one
   is, which no scan shows), only its orientation in the slice changes. For scanners that store
   some patients' slices rotated by 90 degrees (ACDC: about 1 patient in 5).
+* ``bias_field`` (MR intensity non-uniformity, as TorchIO's ``RandomBiasField``):
+  ``clip(x * exp(f), 0, 1)`` with ``f`` a polynomial of degree ``bias_field_order`` in the
+  slice coordinates (each scaled to ``[-1, 1]``), coefficients uniform in
+  ``[-bias_field_coefficient, bias_field_coefficient]``. Unlike contrast and gamma, which map
+  every pixel through one monotone function, it changes which regions of a slice are
+  brightest: an LA blood pool that is not the brightest structure of its scan is what the
+  global ops never show the model.
 * ``contrast`` (nnU-Net contrast + additive brightness): ``clip(a * (x - m) + m + b, 0, 1)`` with
   ``m`` the slice mean, ``a`` uniform in ``contrast_range``, ``b`` uniform in
   ``brightness_range``.
@@ -55,7 +63,7 @@ __all__ = ["Augmenter", "AUGMENT_OPS", "EXTRA_OPS"]
 #: Names of the transforms, in the order they are composed (rotate, then scale, then elastic).
 AUGMENT_OPS = ("rotate", "scale", "elastic")
 #: Names of the optional extras (default off), in the order they follow the coordinate map.
-EXTRA_OPS = ("flip_rot90", "rot90", "contrast", "gamma")
+EXTRA_OPS = ("flip_rot90", "rot90", "bias_field", "contrast", "gamma")
 
 
 def _check_probability(name: str, p: float) -> None:
@@ -70,6 +78,20 @@ def _check_pair(name: str, value: Sequence[float]) -> tuple[float, float]:
     if not lo <= hi:
         raise ConfigError(f"augment {name}={list(value)} must have low <= high.")
     return lo, hi
+
+
+def _bias_field(
+    shape: tuple[int, ...], order: int, coefficient: float, rng: np.random.Generator
+) -> np.ndarray:
+    """``exp`` of a random polynomial of degree ``order`` over an ``(H, W)`` grid in
+    ``[-1, 1]^2``: one coefficient per monomial ``y^i x^j`` with ``i + j <= order``."""
+    y = np.linspace(-1.0, 1.0, shape[0])[:, None]
+    x = np.linspace(-1.0, 1.0, shape[1])[None, :]
+    log_field = np.zeros(shape[:2])
+    for i in range(order + 1):
+        for j in range(order + 1 - i):
+            log_field += rng.uniform(-coefficient, coefficient) * y**i * x**j
+    return np.exp(log_field)
 
 
 def _turn(
@@ -114,6 +136,11 @@ class Augmenter:
             flip along a random axis (SSL4MIS ACDC ``random_rot_flip``). Default 0 (off).
         p_rot90: probability of ``np.rot90`` by ``k`` uniform in {1, 2, 3}, without a flip
             (handedness kept). Default 0 (off).
+        p_bias_field: probability of a smooth multiplicative bias field (see the module
+            docstring). Default 0 (off).
+        bias_field_coefficient: largest absolute polynomial coefficient of the log-field
+            (TorchIO's default 0.5), ``>= 0``.
+        bias_field_order: degree of the log-field polynomial, ``>= 1`` (TorchIO: 3).
         p_contrast: probability of ``clip(a * (x - mean) + mean + b, 0, 1)``, ``a`` uniform in
             ``contrast_range``, ``b`` uniform in ``brightness_range`` (nnU-Net). Default 0.
         contrast_range: ``(low, high)`` contrast factors, ``0 < low <= high``. Default
@@ -145,6 +172,9 @@ class Augmenter:
         mode: str = "independent",
         p_flip_rot90: float = 0.0,
         p_rot90: float = 0.0,
+        p_bias_field: float = 0.0,
+        bias_field_coefficient: float = 0.5,
+        bias_field_order: int = 3,
         p_contrast: float = 0.0,
         contrast_range: Sequence[float] = (0.65, 1.5),
         brightness_range: Sequence[float] = (-0.15, 0.15),
@@ -157,6 +187,7 @@ class Augmenter:
             ("p_elastic", p_elastic),
             ("p_flip_rot90", p_flip_rot90),
             ("p_rot90", p_rot90),
+            ("p_bias_field", p_bias_field),
             ("p_contrast", p_contrast),
             ("p_gamma", p_gamma),
         ):
@@ -173,6 +204,14 @@ class Augmenter:
         g_lo, g_hi = _check_pair("gamma_range", gamma_range)
         if g_lo <= 0:
             raise ConfigError(f"augment gamma_range={list(gamma_range)} must be > 0.")
+        if not (math.isfinite(bias_field_coefficient) and bias_field_coefficient >= 0):
+            raise ConfigError(
+                f"augment bias_field_coefficient={bias_field_coefficient} must be >= 0."
+            )
+        if int(bias_field_order) != bias_field_order or bias_field_order < 1:
+            raise ConfigError(
+                f"augment bias_field_order={bias_field_order} must be an integer >= 1."
+            )
         if mode not in ("independent", "one_of"):
             raise ConfigError(f"augment mode {mode!r} must be 'independent' or 'one_of'.")
         if mode == "one_of" and p_rotate + p_scale + p_elastic > 1.0 + 1e-9:
@@ -201,6 +240,9 @@ class Augmenter:
         self.mode = mode
         self.p_flip_rot90 = float(p_flip_rot90)
         self.p_rot90 = float(p_rot90)
+        self.p_bias_field = float(p_bias_field)
+        self.bias_field_coefficient = float(bias_field_coefficient)
+        self.bias_field_order = int(bias_field_order)
         self.p_contrast = float(p_contrast)
         self.contrast_range = (c_lo, c_hi)
         self.brightness_range = (b_lo, b_hi)
@@ -263,6 +305,12 @@ class Augmenter:
         if self.p_rot90 > 0 and rng.random() < self.p_rot90:
             image, label = _turn(image, label, int(rng.integers(1, 4)))
             extras.append("rot90")
+        if self.p_bias_field > 0 and rng.random() < self.p_bias_field:
+            field = _bias_field(
+                image.shape, self.bias_field_order, self.bias_field_coefficient, rng
+            )
+            image = np.clip(image * field, 0.0, 1.0).astype(np.float32, copy=False)
+            extras.append("bias_field")
         if self.p_contrast > 0 and rng.random() < self.p_contrast:
             a = rng.uniform(*self.contrast_range)
             b = rng.uniform(*self.brightness_range)
