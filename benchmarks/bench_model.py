@@ -368,7 +368,8 @@ def run_in_subprocess(job: Job, device_name: str, timeout_s: float) -> Result:
     return Result(job, error=f"worker exited {proc.returncode}: {' | '.join(tail)}")
 
 
-# LiteMedSAM's last stage (two attention blocks), as in the demo and the CPU recipes.
+# LiteMedSAM's last stage (two attention blocks), as in the demo and the LA and ACDC 5% CPU
+# recipes (ACDC 10% adapts the last two stages: README "LoRA depth").
 LITE_LORA_LAST_N = 2
 
 
@@ -480,7 +481,7 @@ def plan(quick: bool, device_name: str) -> list[Job]:
                 )
             )
         if key == "lite":
-            # LoRA on the last stage (the demo's and CPU recipes' setting): recomputing the
+            # LoRA on the last stage (the demo's and LA recipe's setting): recomputing the
             # frozen prefix every step, and starting from cached prefix features (also
             # compiled, in a full run).
             for cached, compiled in ((False, False), (True, False), (True, True)):

@@ -56,17 +56,29 @@ def _batchnorm_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.fixture(scope="module")
-def fresh_lite_model():
-    """A freshly built model, never put in train or eval mode by the caller."""
+def _fresh(cfg: ModelConfig):
     try:
-        return build_hsam(LITE).model
+        return build_hsam(cfg).model
     except Exception as exc:  # the bundled weights are an installed dependency
         pytest.skip(f"LiteMedSAM weights not available: {exc}")
 
 
-def test_prefix_cache_leaves_every_batchnorm_buffer_unchanged(fresh_lite_model):
-    model = fresh_lite_model
+@pytest.fixture(scope="module")
+def fresh_lite_model():
+    """A freshly built model, never put in train or eval mode by the caller."""
+    return _fresh(LITE)
+
+
+# LoRA on the last stage (LA, ACDC 5% recipes) and on the last two stages (ACDC 10%): the
+# deeper one trains through stage 2 and a BatchNorm'd patch merging between the stages.
+@pytest.fixture(scope="module", params=[2, 8], ids=lambda n: f"lora_last_{n}")
+def fresh_lite_model_any_depth(request):
+    """Freshly built, per LoRA depth of the CPU recipes."""
+    return _fresh(dataclasses.replace(LITE, lora_last_n=request.param))
+
+
+def test_prefix_cache_leaves_every_batchnorm_buffer_unchanged(fresh_lite_model_any_depth):
+    model = fresh_lite_model_any_depth
     before = _batchnorm_buffers(model)
     assert len([k for k in before if k.endswith("running_mean")]) > 20  # TinyViT's BN layers
     case = _la_case()
@@ -88,8 +100,8 @@ def test_prefix_cache_leaves_every_batchnorm_buffer_unchanged(fresh_lite_model):
         assert torch.equal(value, after[key]), key
 
 
-def test_cached_embeddings_equal_eval_mode_embeddings(fresh_lite_model):
-    model = fresh_lite_model
+def test_cached_embeddings_equal_eval_mode_embeddings(fresh_lite_model_any_depth):
+    model = fresh_lite_model_any_depth
     case = _la_case()
     fg = case.foreground_slices()[:4]
     x = torch.stack([torch.from_numpy(SliceDataset([case], 256)[d]["image"].numpy()) for d in fg])
