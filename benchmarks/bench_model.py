@@ -368,8 +368,8 @@ def run_in_subprocess(job: Job, device_name: str, timeout_s: float) -> Result:
     return Result(job, error=f"worker exited {proc.returncode}: {' | '.join(tail)}")
 
 
-# LiteMedSAM's last stage (two attention blocks), as in the demo and the LA and ACDC 5% CPU
-# recipes (ACDC 10% adapts the last two stages: README "LoRA depth").
+# LiteMedSAM's last stage (two attention blocks), as in the demo (the CPU recipes adapt the
+# last two stages: README "LoRA depth").
 LITE_LORA_LAST_N = 2
 
 
