@@ -119,6 +119,76 @@ def test_one_step_changes_only_q_and_v(backbone, size):
         assert not changed[k_index].any()
 
 
+@pytest.mark.parametrize("backbone,size", [("tiny", 64), ("litemedsam", 256)])
+def test_all_linear_lora_adapts_every_linear_layer_of_the_adapted_blocks(backbone, size):
+    from hsam.config import ModelConfig
+    from hsam.modeling.lora import LoRALinear, LoRAQKV
+
+    cfg = ModelConfig(
+        backbone=backbone, image_size=size, num_classes=1, lora_last_n=1, lora_layers="all_linear"
+    )
+    torch.manual_seed(0)
+    base = build_hsam_network(cfg)
+    model = copy.deepcopy(base)
+    from hsam.build import apply_lora_and_freeze
+
+    apply_lora_and_freeze(model, cfg)
+    block = model.image_encoder.unit_module(model.first_trainable_unit)
+    wrapped = {name for name, m in block.named_modules() if isinstance(m, LoRALinear)}
+    # Attention output projection and both MLP layers; qkv keeps the paper's q/v-only LoRA.
+    assert len(wrapped) == 3 and not any("qkv" in name for name in wrapped)
+    assert isinstance(block.attn.qkv, LoRAQKV)
+    trainable = [n for n, p in block.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 3  # only the last block
+    model.eval()
+    base.eval()
+    x = torch.rand(1, 1, size, size)
+    assert torch.equal(base.encode(x), model.encode(x))  # fresh LoRA (B = 0) changes nothing
+
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    before = {
+        name: (m.lora_b.weight @ m.lora_a.weight).detach().clone()
+        for name, m in block.named_modules()
+        if isinstance(m, LoRALinear)
+    }
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    y = (x[:, 0] > 0.5).long()
+    for _ in range(2):  # after the first step B != 0, so A receives gradient too
+        F.cross_entropy(model(x, y).stage2_logits, y).backward()
+        opt.step()
+        opt.zero_grad()
+    for name, m in block.named_modules():
+        if isinstance(m, LoRALinear):
+            delta = m.lora_b.weight @ m.lora_a.weight - before[name]
+            assert (delta.abs().sum(1) > 0).all(), name  # every output feature adapted
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+
+
+def test_all_linear_lora_checkpoint_round_trip(tmp_path):
+    from hsam.config import ModelConfig, to_dict
+    from hsam.io.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = ModelConfig(
+        backbone="tiny", image_size=64, num_classes=1, lora_rank=2, lora_layers="all_linear"
+    )
+    built = build_hsam(cfg, seed=3)
+    with torch.no_grad():
+        for name, p in built.model.named_parameters():
+            if "lora_b" in name:
+                p.add_(0.05)
+    save_checkpoint(tmp_path / "c.pt", built, config={"model": to_dict(cfg)})
+    loaded = load_checkpoint(tmp_path / "c.pt").built.model.eval()
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(built.model.eval()(x).probabilities, loaded(x).probabilities)
+    names = torch.load(tmp_path / "c.pt", weights_only=True)["state_dict"]
+    assert any(".mlp." in n and "lora_a" in n for n in names)
+
+
 def test_stage2_loss_reaches_stage1_logits_through_prior(tiny_cfg):
     model = build_hsam(tiny_cfg).model
     x, y = _batch(tiny_cfg)

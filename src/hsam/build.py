@@ -22,7 +22,7 @@ from hsam.modeling.backbones import VIT_SPECS, build_backbone
 from hsam.modeling.cmattn import ClassBalancedMaskAttention
 from hsam.modeling.decoders import HierarchicalPixelDecoder, Stage1Decoder, Stage2Decoder
 from hsam.modeling.hsam import HSAM
-from hsam.modeling.lora import inject_lora
+from hsam.modeling.lora import inject_lora, inject_lora_linears
 from hsam.modeling.prompt import PromptFreeEncoder
 from hsam.modeling.transformer import TwoWayTransformer
 
@@ -160,6 +160,13 @@ def apply_lora_and_freeze(model: HSAM, cfg: ModelConfig) -> None:
     """Freeze the encoder, inject LoRA, and leave only LoRA/decoder/prompt params trainable."""
     model.image_encoder.requires_grad_(False)
     targets = lora_unit_range(model, cfg)
+    if cfg.lora_layers == "all_linear":
+        inject_lora_linears(
+            [model.image_encoder.unit_module(index) for index, _, _, _ in targets],
+            skip=[attn.qkv for _, attn, _, _ in targets],
+            rank=cfg.lora_rank,
+            alpha=cfg.lora_alpha,
+        )
     inject_lora(
         [attn for _, attn, _, _ in targets],
         [(q, v) for _, _, q, v in targets],

@@ -49,6 +49,7 @@ MaskDirections = Literal["both", "token_to_image"]
 InputNormalization = Literal["backbone", "identity"]
 InputResize = Literal["stretch", "pad"]
 Stage2Init = Literal["random", "stage1"]
+LoRALayers = Literal["qv", "all_linear"]
 
 
 @dataclass
@@ -71,6 +72,10 @@ class ModelConfig:
     # Adapt only the last N attention blocks; None = every block (paper); 0 = no LoRA, the
     # whole encoder frozen and only the decoders trained (its final embedding is cacheable).
     lora_last_n: int | None = None
+    # Which layers of an adapted block get LoRA: qv = the q and v outputs of its qkv projection
+    # (paper, released code); all_linear = also its attention output projection and both MLP
+    # layers (every linear layer of the block) [ours].
+    lora_layers: LoRALayers = "qv"
     # 2 = H-SAM; 1 = SAMed baseline (LoRA + SAM decoder only).
     stages: int = 2
     # Table 4 ablation switches.

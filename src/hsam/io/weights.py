@@ -45,7 +45,7 @@ NEW_MODEL_KEYS = (
     r"mask_decoder\.output_hypernetworks_mlps\..*",
     r"mask_decoder\.iou_prediction_head\..*",
     r"stage2_decoder\..*",
-    r".*\.lora_[qv]_[ab]\.weight",
+    r".*\.lora_([qv]_)?[ab]\.weight",
 )
 
 

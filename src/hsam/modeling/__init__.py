@@ -3,7 +3,7 @@
 from hsam.modeling.cmattn import ClassBalancedMaskAttention
 from hsam.modeling.decoders import HierarchicalPixelDecoder, Stage1Decoder, Stage2Decoder
 from hsam.modeling.hsam import HSAM, HSAMOutput
-from hsam.modeling.lora import LoRAQKV
+from hsam.modeling.lora import LoRALinear, LoRAQKV
 from hsam.modeling.prompt import PromptFreeEncoder
 from hsam.modeling.transformer import TwoWayTransformer
 
@@ -12,6 +12,7 @@ __all__ = [
     "ClassBalancedMaskAttention",
     "HSAMOutput",
     "HierarchicalPixelDecoder",
+    "LoRALinear",
     "LoRAQKV",
     "PromptFreeEncoder",
     "Stage1Decoder",

@@ -102,6 +102,9 @@ class Backbone(Protocol):
     def lora_targets(self) -> list[tuple[int, nn.Module, Tensor, Tensor]]:
         """(unit index, attention module with `.qkv`, q indices, v indices), forward order."""
 
+    def unit_module(self, index: int) -> nn.Module:
+        """The block behind `units()[index]` (unwrapped, for LoRA on its other layers)."""
+
     def normalization(self) -> tuple[Tensor, Tensor]:
         """(mean, std) per channel, applied to images given in [0, 1]."""
 
@@ -159,6 +162,9 @@ class SamViTBackbone(ImageEncoderViT):
             v = torch.arange(2 * dim, 3 * dim)
             targets.append((i + 1, block.attn, q, v))
         return targets
+
+    def unit_module(self, index: int) -> nn.Module:
+        return self.blocks[index - 1]  # unit 0 is the stem
 
     def normalization(self) -> tuple[Tensor, Tensor]:
         return torch.tensor(SAM_PIXEL_MEAN) / 255.0, torch.tensor(SAM_PIXEL_STD) / 255.0
@@ -246,6 +252,9 @@ class LiteMedSAMBackbone(TinyViT):
             v = (starts[:, None] + 2 * kd + torch.arange(d)).flatten()
             targets.append((index, attn, q, v))
         return targets
+
+    def unit_module(self, index: int) -> nn.Module:
+        return self._sequence()[index]
 
     def normalization(self) -> tuple[Tensor, Tensor]:
         return torch.zeros(3), torch.ones(3)

@@ -1,9 +1,11 @@
-"""LoRA on a fused qkv projection: low-rank deltas on the q and v outputs only.
+"""LoRA on a frozen encoder's linear layers.
 
-The base projection keeps its parameter names (`weight`, `bias`), so official checkpoints load
-into a LoRA-injected encoder unchanged. Which output features are q and which are v is given
-as index tensors because encoders lay out their fused qkv differently (SAM ViT: [q | k | v];
-TinyViT: per head [q_h | k_h | v_h]).
+`LoRAQKV` is the paper's: low-rank deltas on the q and v outputs of a fused qkv projection
+only. `LoRALinear` adapts a whole linear layer (attention output projection, MLP layers) for
+`model.lora_layers: all_linear`. Both keep the base layer's parameter names (`weight`,
+`bias`), so official checkpoints load into a LoRA-injected encoder unchanged. Which output
+features are q and which are v is given as index tensors because encoders lay out their fused
+qkv differently (SAM ViT: [q | k | v]; TinyViT: per head [q_h | k_h | v_h]).
 """
 
 from __future__ import annotations
@@ -86,6 +88,59 @@ class LoRAQKV(nn.Linear):
             yield m.weight
 
 
+class LoRALinear(nn.Linear):
+    """A frozen `nn.Linear` plus a trainable rank-r update of its whole output.
+
+    out = W x + b + s B A x, with A kaiming-uniform and B zero (a fresh layer equals the base
+    layer exactly) and s as in `LoRAQKV`.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        rank: int,
+        alpha: float | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}.")
+        self.rank = rank
+        self.scaling = 1.0 if alpha is None else alpha / rank
+        self.lora_a = nn.Linear(in_features, rank, bias=False)
+        self.lora_b = nn.Linear(rank, out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b.weight)
+
+    @classmethod
+    def from_linear(cls, base: nn.Linear, *, rank: int, alpha: float | None) -> LoRALinear:
+        """Wrap `base`, sharing (not copying) its weight and bias and freezing them."""
+        layer = cls(
+            in_features=base.in_features,
+            out_features=base.out_features,
+            bias=base.bias is not None,
+            rank=rank,
+            alpha=alpha,
+        ).to(device=base.weight.device, dtype=base.weight.dtype)
+        layer.weight = base.weight
+        layer.bias = base.bias
+        layer.weight.requires_grad_(False)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(False)
+        return layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (..., in_features) -> (..., out_features)."""
+        out = F.linear(x, self.weight, self.bias)
+        return out + (self.lora_b(self.lora_a(x)) * self.scaling).to(out.dtype)
+
+    def lora_parameters(self) -> Iterable[nn.Parameter]:
+        yield self.lora_a.weight
+        yield self.lora_b.weight
+
+
 def inject_lora(
     attention_modules: list[nn.Module],
     qv_indices: list[tuple[Tensor, Tensor]],
@@ -101,4 +156,27 @@ def inject_lora(
         )
         module.qkv = layer
         layers.append(layer)
+    return layers
+
+
+def inject_lora_linears(
+    blocks: list[nn.Module], *, skip: list[nn.Module], rank: int, alpha: float | None
+) -> list[LoRALinear]:
+    """Replace every plain `nn.Linear` inside `blocks` (but those in `skip`) by a `LoRALinear`
+    around it: in a ViT or TinyViT block, the attention output projection and both MLP layers
+    when `skip` holds the block's qkv."""
+    layers = []
+    for block in blocks:
+        # Collected first: replacing while iterating named_modules would visit the wrappers.
+        found = [
+            (name, m)
+            for name, m in block.named_modules()
+            if type(m) is nn.Linear and not any(m is s for s in skip)
+        ]
+        for name, base in found:
+            parent_name, _, attr = name.rpartition(".")
+            parent = block.get_submodule(parent_name) if parent_name else block
+            layer = LoRALinear.from_linear(base, rank=rank, alpha=alpha)
+            setattr(parent, attr, layer)
+            layers.append(layer)
     return layers
