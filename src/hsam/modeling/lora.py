@@ -17,6 +17,16 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 
+def _share_frozen_base(layer: nn.Linear, base: nn.Linear) -> None:
+    """Make `layer` use `base`'s weight and bias (shared, not copied), frozen."""
+    layer.to(device=base.weight.device, dtype=base.weight.dtype)
+    layer.weight = base.weight
+    layer.bias = base.bias
+    layer.weight.requires_grad_(False)
+    if layer.bias is not None:
+        layer.bias.requires_grad_(False)
+
+
 class LoRAQKV(nn.Linear):
     """A frozen fused qkv `nn.Linear` plus trainable rank-r updates of its q and v outputs.
 
@@ -67,12 +77,8 @@ class LoRAQKV(nn.Linear):
             v_index=v_index,
             rank=rank,
             alpha=alpha,
-        ).to(device=base.weight.device, dtype=base.weight.dtype)
-        layer.weight = base.weight
-        layer.bias = base.bias
-        layer.weight.requires_grad_(False)
-        if layer.bias is not None:
-            layer.bias.requires_grad_(False)
+        )
+        _share_frozen_base(layer, base)
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
@@ -123,12 +129,8 @@ class LoRALinear(nn.Linear):
             bias=base.bias is not None,
             rank=rank,
             alpha=alpha,
-        ).to(device=base.weight.device, dtype=base.weight.dtype)
-        layer.weight = base.weight
-        layer.bias = base.bias
-        layer.weight.requires_grad_(False)
-        if layer.bias is not None:
-            layer.bias.requires_grad_(False)
+        )
+        _share_frozen_base(layer, base)
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
