@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from hsam.config import RunConfig, config_differences, load_run_config, load_yaml
+from hsam.config import ModelConfig, RunConfig, config_differences, load_run_config, load_yaml
 from hsam.data import read_dataset
 from hsam.devices import configure_cpu_allocator, resolve_device, resolve_precision
 from hsam.engine.data import read_id_list
@@ -284,6 +284,19 @@ def _mean_sd(values: list[float]) -> str:
     return f"{mean:.2f} ± {statistics.stdev(values):.2f}"
 
 
+def _lora_note(model: ModelConfig) -> str:
+    """Where the protocol's LoRA sits: rank, layers (model.lora_layers) and blocks."""
+    if model.lora_last_n == 0:
+        return "no LoRA (encoder frozen, decoders only)"
+    layers = "q and v" if model.lora_layers == "qv" else "every linear layer"
+    blocks = (
+        "every encoder block"
+        if model.lora_last_n is None
+        else f"the last {model.lora_last_n} encoder blocks"
+    )
+    return f"LoRA rank {model.lora_rank} on {layers} of {blocks}"
+
+
 def _median_range(values: list[float]) -> str:
     """Wall-clock times: the median resists a run slowed by other work on the machine."""
     if not values:
@@ -433,8 +446,8 @@ def render(
         "",
         f"    {args.command}",
         "",
-        f"- protocol: `{args.protocol}`; backbone `{m.backbone}` at S = {m.image_size}, LoRA rank "
-        f"{m.lora_rank} on the last {m.lora_last_n} encoder blocks; {t.epochs} epochs, batch "
+        f"- protocol: `{args.protocol}`; backbone `{m.backbone}` at S = {m.image_size}, "
+        f"{_lora_note(m)}; {t.epochs} epochs, batch "
         f"{t.batch_size}, lr {t.base_lr}, {t.augmented_views} cached augmented views, "
         f"{t.precision}; training slices: "
         + ("only those with label (data.foreground_only)" if d.foreground_only else "all")

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import REPO, ellipsoid_label, write_nnunet_dataset
-from hsam.config import AugmentConfig
+from hsam.config import AugmentConfig, ModelConfig
 from hsam.data import read_dataset
 from hsam.engine.data import prepare_case
 from hsam.evaluation.metrics import dice
@@ -106,6 +106,16 @@ def test_threads_note_reports_the_training_runs_threads(fewshot, monkeypatch):
     assert fewshot._threads_note([{"torch_threads": 1}, {}]) == (
         "8 torch threads in this call (runs did not record theirs)"
     )
+
+
+def test_lora_note_names_rank_layers_and_blocks(fewshot):
+    assert fewshot._lora_note(ModelConfig(lora_rank=4, lora_last_n=8)) == (
+        "LoRA rank 4 on q and v of the last 8 encoder blocks"
+    )
+    assert fewshot._lora_note(ModelConfig(lora_rank=4, lora_layers="all_linear")) == (
+        "LoRA rank 4 on every linear layer of every encoder block"
+    )
+    assert fewshot._lora_note(ModelConfig(lora_last_n=0)).startswith("no LoRA")
 
 
 def test_augmentation_note_names_each_enabled_extra(fewshot):
