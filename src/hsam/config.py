@@ -65,7 +65,7 @@ class ModelConfig:
     image_size: int = 512
     # Foreground classes K; the model predicts T = K + 1 masks, background first.
     num_classes: int = 8
-    # LoRA rank on q and v (paper: 4; the released code defaults to 5).
+    # LoRA rank of every adapted layer (paper: 4; the released code defaults to 5).
     lora_rank: int = 4
     # LoRA scaling alpha / rank; None = no scaling (paper and released code).
     lora_alpha: float | None = None
