@@ -239,3 +239,17 @@ def test_vit_l_h_specs_match_segment_anything(name):
         ours = build_hsam_network(ModelConfig(backbone=name, image_size=1024)).image_encoder
     ours_state = ours.state_dict()
     assert {k: v.shape for k, v in ours_state.items()} == {k: v.shape for k, v in theirs.items()}
+
+
+def test_ctrl_c_inside_torch_save_stays_an_interrupt_and_leaves_nothing(tmp_path, monkeypatch):
+    # torch.save's zip writer turns an interrupt into a RuntimeError on exit; the CLI needs the
+    # KeyboardInterrupt back to stop with its one line.
+    from hsam.io.checkpoint import atomic_torch_save
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.serialization, "_save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save({"w": torch.zeros(3)}, tmp_path / "last.pt")
+    assert list(tmp_path.iterdir()) == []

@@ -61,7 +61,14 @@ def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """torch.save to a temp file beside `path`, fsync, then rename over it."""
     with atomic_output(path) as tmp, open(tmp, "wb") as handle:
-        torch.save(obj, handle)
+        try:
+            torch.save(obj, handle)
+        except RuntimeError as err:
+            # Ctrl-C inside torch.save surfaces as the zip writer's RuntimeError on exit; give
+            # the interrupt back so the CLI stops with its one line (the temp file is dropped).
+            if isinstance(err.__context__, KeyboardInterrupt):
+                raise err.__context__ from None
+            raise
         handle.flush()
         os.fsync(handle.fileno())
 
