@@ -12,22 +12,45 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any, Self
 
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 
-def _share_frozen_base(layer: nn.Linear, base: nn.Linear) -> None:
-    """Make `layer` use `base`'s weight and bias (shared, not copied), frozen."""
-    layer.to(device=base.weight.device, dtype=base.weight.dtype)
-    layer.weight = base.weight
-    layer.bias = base.bias
-    layer.weight.requires_grad_(False)
-    if layer.bias is not None:
-        layer.bias.requires_grad_(False)
+class _LoRABase(nn.Linear):
+    """A frozen `nn.Linear` (weight, bias) with rank and scaling s = alpha / rank (1 when alpha
+    is None, as in the paper and the released code); subclasses add the trainable factors."""
+
+    def __init__(
+        self, in_features: int, out_features: int, *, bias: bool, rank: int, alpha: float | None
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}.")
+        self.rank = rank
+        self.scaling = 1.0 if alpha is None else alpha / rank
+
+    @classmethod
+    def from_linear(cls, base: nn.Linear, **lora: Any) -> Self:
+        """Wrap `base`, sharing (not copying) its weight and bias and freezing them; `lora` are
+        the subclass's own keyword arguments (rank, alpha, ...)."""
+        layer = cls(
+            in_features=base.in_features,
+            out_features=base.out_features,
+            bias=base.bias is not None,
+            **lora,
+        )
+        layer.to(device=base.weight.device, dtype=base.weight.dtype)
+        layer.weight = base.weight
+        layer.bias = base.bias
+        layer.weight.requires_grad_(False)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(False)
+        return layer
 
 
-class LoRAQKV(nn.Linear):
+class LoRAQKV(_LoRABase):
     """A frozen fused qkv `nn.Linear` plus trainable rank-r updates of its q and v outputs.
 
     out = W x + b;  out[q_index] += s * B_q A_q x;  out[v_index] += s * B_v A_v x
@@ -46,11 +69,7 @@ class LoRAQKV(nn.Linear):
         rank: int,
         alpha: float | None = None,
     ) -> None:
-        super().__init__(in_features, out_features, bias=bias)
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}.")
-        self.rank = rank
-        self.scaling = 1.0 if alpha is None else alpha / rank
+        super().__init__(in_features, out_features, bias=bias, rank=rank, alpha=alpha)
         self.register_buffer("q_index", q_index.long(), persistent=False)
         self.register_buffer("v_index", v_index.long(), persistent=False)
         self.lora_q_a = nn.Linear(in_features, rank, bias=False)
@@ -63,23 +82,6 @@ class LoRAQKV(nn.Linear):
         for a, b in ((self.lora_q_a, self.lora_q_b), (self.lora_v_a, self.lora_v_b)):
             nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
             nn.init.zeros_(b.weight)
-
-    @classmethod
-    def from_linear(
-        cls, base: nn.Linear, *, q_index: Tensor, v_index: Tensor, rank: int, alpha: float | None
-    ) -> LoRAQKV:
-        """Wrap `base`, sharing (not copying) its weight and bias and freezing them."""
-        layer = cls(
-            in_features=base.in_features,
-            out_features=base.out_features,
-            bias=base.bias is not None,
-            q_index=q_index,
-            v_index=v_index,
-            rank=rank,
-            alpha=alpha,
-        )
-        _share_frozen_base(layer, base)
-        return layer
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., in_features) -> (..., out_features)."""
@@ -94,7 +96,7 @@ class LoRAQKV(nn.Linear):
             yield m.weight
 
 
-class LoRALinear(nn.Linear):
+class LoRALinear(_LoRABase):
     """A frozen `nn.Linear` plus a trainable rank-r update of its whole output.
 
     out = W x + b + s B A x, with A kaiming-uniform and B zero (a fresh layer equals the base
@@ -110,28 +112,11 @@ class LoRALinear(nn.Linear):
         rank: int,
         alpha: float | None = None,
     ) -> None:
-        super().__init__(in_features, out_features, bias=bias)
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}.")
-        self.rank = rank
-        self.scaling = 1.0 if alpha is None else alpha / rank
+        super().__init__(in_features, out_features, bias=bias, rank=rank, alpha=alpha)
         self.lora_a = nn.Linear(in_features, rank, bias=False)
         self.lora_b = nn.Linear(rank, out_features, bias=False)
         nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_b.weight)
-
-    @classmethod
-    def from_linear(cls, base: nn.Linear, *, rank: int, alpha: float | None) -> LoRALinear:
-        """Wrap `base`, sharing (not copying) its weight and bias and freezing them."""
-        layer = cls(
-            in_features=base.in_features,
-            out_features=base.out_features,
-            bias=base.bias is not None,
-            rank=rank,
-            alpha=alpha,
-        )
-        _share_frozen_base(layer, base)
-        return layer
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., in_features) -> (..., out_features)."""
