@@ -153,7 +153,6 @@ def train_seed(
         cfg = run_config(protocol, CONFIGURATIONS[name], seed)
         run_dir = out / f"seed{seed}" / name
         logger.info("seed %d: training %s", seed, CONFIGURATIONS[name].label)
-        t = time.time()
         # A run interrupted after an epoch continues from its resume state.
         resume = (run_dir / "checkpoints" / "last.pt").is_file()
         if not resume and (run_dir / "config.yaml").is_file():
@@ -168,7 +167,8 @@ def train_seed(
             "checkpoint": str(result.best_checkpoint),
             "selected_on": "validation" if result.best_val_dice is not None else "last epoch",
             "best_val_dice": result.best_val_dice,
-            "train_seconds": time.time() - t,
+            # Summed over every call that trained the run (a resumed one included).
+            "train_seconds": result.trained_seconds,
             "prefix_cache_seconds": cache_s,
             "torch_threads": torch.get_num_threads(),
         }
@@ -469,8 +469,9 @@ def render(
         f"(shared by its runs); {_evaluation_note(eval_seconds, reused, len(records))}.",
         "",
         "Mean ± standard deviation over seeds (the mean alone for a single seed). Train time: "
-        "wall-clock seconds per run (training and validation, prefix cache excluded); a run "
-        "that shared the CPU with other work shows as the top of the range.",
+        "wall-clock seconds of a run's epochs (training and validation, prefix cache excluded; "
+        "an interrupted run's calls summed); a run that shared the CPU with other work shows as "
+        "the top of the range.",
         "",
         "| Configuration | MA | HPD | CMAttn | Dice (%) | HD95 (vox) | "
         + " | ".join(f"{c} Dice" for c in classes)

@@ -153,6 +153,22 @@ def test_resume_reaches_the_same_weights(tmp_path, stop_after):
     assert records(run_a) == records(run_b)
 
 
+def test_a_resumed_runs_training_time_covers_every_call(tmp_path):
+    """The training time (TrainResult, metrics.jsonl elapsed_s) of a run interrupted and
+    resumed is the sum over both calls, not only the resumed segment's."""
+    cfg_path = tiny_run_config(tmp_path)
+    out = tmp_path / "part"
+    part = run_training(load_run_config(cfg_path), out, stop_after=1)
+    assert part.trained_seconds > 0
+    result = run_training(load_run_config(cfg_path), out, resume=True)
+    elapsed = [json.loads(line)["elapsed_s"] for line in (out / "metrics.jsonl").open()]
+    assert len(elapsed) == 3
+    assert elapsed[0] == round(part.trained_seconds, 2)
+    assert elapsed == sorted(elapsed) and elapsed[1] > elapsed[0]
+    assert result.trained_seconds > part.trained_seconds
+    assert elapsed[-1] == round(result.trained_seconds, 2)
+
+
 def test_training_leaves_the_callers_config_as_it_was(tmp_path):
     """What the run resolves (the class noise stds, precision auto) goes to config.yaml and
     the checkpoints, not into the config object the caller passed (which may be reused for

@@ -192,6 +192,9 @@ class TrainingState:
     best_dice: float | None = None
     # Validation Dice of the last epoch run (final.pt's metrics when resume finishes a run).
     last_val_dice: float | None = None
+    # Wall-clock seconds of the epochs this state holds, over every call that trained them
+    # (a resumed run's time is not only its last segment's).
+    trained_seconds: float = 0.0
 
 
 class RunCheckpoints:
@@ -249,6 +252,7 @@ class RunCheckpoints:
             "global_step": state.global_step,
             "best_dice": state.best_dice,
             "last_val_dice": state.last_val_dice,
+            "trained_seconds": state.trained_seconds,
             "run_id": run_id,
             "rng": _rng_state(),
         }
@@ -302,4 +306,6 @@ class RunCheckpoints:
             global_step=state["global_step"],
             best_dice=state.get("best_dice"),
             last_val_dice=state.get("last_val_dice"),
+            # Absent from resume states written before hsam recorded it.
+            trained_seconds=float(state.get("trained_seconds") or 0.0),
         )

@@ -73,6 +73,8 @@ class TrainResult:
     final_checkpoint: Path
     best_val_dice: float | None
     epochs_run: int
+    #: Wall-clock seconds of all the run's epochs, summed over the calls that trained them.
+    trained_seconds: float
 
 
 def validation_dice(
@@ -221,9 +223,9 @@ class Trainer:
         if self.writer is not None:
             self.writer.add_scalar("val/dice", score, self.state.global_step)
 
-    def _log_epoch(self, epoch: int, record: dict[str, Any], started: float) -> None:
+    def _log_epoch(self, epoch: int, record: dict[str, Any]) -> None:
         """One metrics.jsonl line and one log line per epoch."""
-        record["elapsed_s"] = round(time.time() - started, 2)
+        record["elapsed_s"] = round(self.state.trained_seconds, 2)
         with open(self.run_dir / METRICS_FILE, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         logger.info(
@@ -248,7 +250,8 @@ class Trainer:
 
             self.writer = SummaryWriter(str(self.run_dir / "tb"))
         epochs_run = 0
-        started = time.time()
+        # Training time before this call (a resume) plus this call's, up to each epoch's end.
+        seconds_before, started = self.state.trained_seconds, time.time()
         if main and self.state.next_epoch >= epochs:
             # Resumed after the last epoch's last.pt: finish what the interruption cut off.
             self.checkpoints.write_final(epochs - 1, self.state.last_val_dice, only_missing=True)
@@ -263,7 +266,8 @@ class Trainer:
             if main:
                 if validate:
                     self._validate(epoch, record)
-                self._log_epoch(epoch, record, started)
+                self.state.trained_seconds = seconds_before + time.time() - started
+                self._log_epoch(epoch, record)
                 if not validate:
                     self.state.last_val_dice = None
                 self.checkpoints.save_resume_state(self.state, run_id=self.run_id)
@@ -281,7 +285,9 @@ class Trainer:
                 f"{best} is missing although the run finished (deleted?); the weights "
                 f"after the last epoch are in {final}."
             )
-        return TrainResult(self.run_dir, best, final, self.state.best_dice, epochs_run)
+        return TrainResult(
+            self.run_dir, best, final, self.state.best_dice, epochs_run, self.state.trained_seconds
+        )
 
 
 def _add_log_file(run_dir: Path) -> logging.Handler:
