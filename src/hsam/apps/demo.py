@@ -44,8 +44,9 @@ class DemoSchedule:
     """The demo's training budget: the LA CPU recipe (configs/la_4scans_litemedsam_cpu.yaml)
     on the sample's two training volumes, shortened so that `make demo` from a fresh clone
     fits 15 minutes on 2 CPU cores without bf16 units (fp32; install included, README):
-    atrium slices only and LoRA on the last TinyViT stage, where the recipe trains every
-    slice and adapts the last two stages. A longer run: `hsam demo --epochs 6 --views 3`."""
+    atrium slices only and LoRA on q and v of the last TinyViT stage, where the recipe trains
+    every slice and adapts every linear layer of the last two stages. A longer run: `hsam demo
+    --epochs 6 --views 3`."""
 
     epochs: int = 2
     augmented_views: int = 1
