@@ -13,7 +13,10 @@ resumes from its last finished epoch, so a second call picks up where the first 
 (only a run trained with the same configuration; otherwise the call stops and names the fields).
 A run's test evaluation is kept beside it (`fewshot_eval.json`, keyed by the checkpoint's
 sha256, the data and the test list) and reused by later calls; delete those files to
-re-evaluate after changing the metrics code.
+re-evaluate after changing the metrics code. Every section also scores the largest connected
+component of the same predictions; `--slice-smoothing SIGMA` evaluates each run a second time
+with its probabilities smoothed across slices (`hsam evaluate --slice-smoothing`), stored as
+`fewshot_eval_slice_smoothing<SIGMA>.json`, and adds those tables.
 
 The script writes its own section of docs/results.md (between `<!-- fewshot:NAME -->` markers,
 other sections untouched): rows = configurations, mean and standard deviation over seeds of
@@ -35,6 +38,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +54,7 @@ from hsam.errors import ConfigError, HSAMError
 from hsam.evaluation.reports import summarize
 from hsam.evaluation.scoring import evaluate_cases
 from hsam.inference.postprocess import POSTPROCESS_CHOICES
-from hsam.inference.predictor import Predictor
+from hsam.inference.predictor import Predictor, check_slice_smoothing_option
 from hsam.io.atomic import atomic_write_text
 from hsam.io.hashing import file_sha256
 
@@ -177,9 +181,11 @@ def train_seed(
     return records, cache_s
 
 
-def _evaluation_key(protocol: RunConfig, record: dict[str, Any], test_ids: list[str]) -> dict:
+def _evaluation_key(
+    protocol: RunConfig, record: dict[str, Any], test_ids: list[str], slice_smoothing: float = 0.0
+) -> dict:
     """What an evaluation of a run depends on: a stored one is reused only if all match."""
-    return {
+    key = {
         "checkpoint_sha256": file_sha256(record["checkpoint"]),
         "data_format": protocol.data.format,
         "data_root": str(Path(protocol.data.root).resolve()),
@@ -188,11 +194,16 @@ def _evaluation_key(protocol: RunConfig, record: dict[str, Any], test_ids: list[
         "inference_batch_size": protocol.train.inference_batch_size,
         "postprocess": list(POSTPROCESS_CHOICES),
     }
+    if slice_smoothing:  # absent for the raw predictions, as in evaluations stored before
+        key["slice_smoothing"] = slice_smoothing
+    return key
 
 
-def _evaluation_path(record: dict[str, Any]) -> Path:
-    """<run dir>/fewshot_eval.json, beside the run record (checkpoint: <run dir>/checkpoints)."""
-    return Path(record["checkpoint"]).parents[1] / "fewshot_eval.json"
+def _evaluation_path(record: dict[str, Any], slice_smoothing: float = 0.0) -> Path:
+    """<run dir>/fewshot_eval.json (fewshot_eval_slice_smoothing<sigma>.json for smoothed
+    predictions), beside the run record (checkpoint: <run dir>/checkpoints)."""
+    name = f"fewshot_eval_slice_smoothing{slice_smoothing:g}" if slice_smoothing else "fewshot_eval"
+    return Path(record["checkpoint"]).parents[1] / f"{name}.json"
 
 
 def stored_evaluation(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
@@ -203,10 +214,14 @@ def stored_evaluation(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def evaluate_runs(
-    protocol: RunConfig, records: list[dict[str, Any]], test_ids: list[str]
+    protocol: RunConfig,
+    records: list[dict[str, Any]],
+    test_ids: list[str],
+    slice_smoothing: float = 0.0,
 ) -> tuple[dict[tuple[int, str], dict[str, Any]], int]:
     """3-D evaluation of every run's checkpoint on the test cases (prefix shared per slice),
-    of the raw predictions and of each post-processing of them (`hsam.inference.postprocess`).
+    of the predictions (with `slice_smoothing`, see `hsam.inference.slicewise`) and of each
+    post-processing of them (`hsam.inference.postprocess`).
 
     A run evaluated before with the same checkpoint bytes, data and test list keeps its stored
     summaries (beside its run record); returns {(seed, name): {postprocess: summary}} and how
@@ -214,25 +229,25 @@ def evaluate_runs(
     summaries: dict[tuple[int, str], dict[str, Any]] = {}
     todo: list[tuple[dict[str, Any], dict[str, Any]]] = []
     for record in records:
-        key = _evaluation_key(protocol, record, test_ids)
-        summary = stored_evaluation(_evaluation_path(record), key)
+        key = _evaluation_key(protocol, record, test_ids, slice_smoothing)
+        summary = stored_evaluation(_evaluation_path(record, slice_smoothing), key)
         if summary is None:
             todo.append((record, key))
         else:
             summaries[(record["seed"], record["name"])] = summary
     if todo:
-        fresh = _evaluate(protocol, [r for r, _ in todo], test_ids)
+        fresh = _evaluate(protocol, [r for r, _ in todo], test_ids, slice_smoothing)
         for record, key in todo:
             summary = fresh[(record["seed"], record["name"])]
             stored = json.dumps({"key": key, "summaries": summary}, indent=2)
-            atomic_write_text(_evaluation_path(record), stored)
+            atomic_write_text(_evaluation_path(record, slice_smoothing), stored)
             summaries[(record["seed"], record["name"])] = summary
     ordered = {(r["seed"], r["name"]): summaries[(r["seed"], r["name"])] for r in records}
     return ordered, len(records) - len(todo)
 
 
 def _evaluate(
-    protocol: RunConfig, records: list[dict[str, Any]], test_ids: list[str]
+    protocol: RunConfig, records: list[dict[str, Any]], test_ids: list[str], slice_smoothing: float
 ) -> dict[tuple[int, str], dict[str, Any]]:
     predictors = [
         Predictor.from_checkpoint(
@@ -240,6 +255,7 @@ def _evaluate(
             device="cpu",
             batch_size=protocol.train.inference_batch_size,
             precision=protocol.train.precision,
+            slice_smoothing=slice_smoothing,
         )
         for r in records
     ]
@@ -413,11 +429,15 @@ def _threads_note(records: list[dict[str, Any]]) -> str:
     return f"{low if low == high else f'{low}-{high}'} torch threads per training run"
 
 
-def _evaluation_note(seconds: float, reused: int, runs: int) -> str:
-    if reused == runs:  # this call only checked the stored evaluations' keys
+def _evaluation_note(seconds: float, reused: int, runs: int, per_run: int = 1) -> str:
+    """`per_run` evaluations of each of `runs` runs (2 with slice smoothing), `reused` of
+    them from earlier calls."""
+    total = runs * per_run
+    if reused == total:  # this call only checked the stored evaluations' keys
         return f"test evaluations of all {runs} runs reused from earlier calls"
     note = f"test evaluation {seconds:.0f} s"
-    return note + (f" ({reused} of {runs} runs' evaluations reused)" if reused else "")
+    what = "runs' evaluations" if per_run == 1 else "evaluations"
+    return note + (f" ({reused} of {total} {what} reused)" if reused else "")
 
 
 def render(
@@ -429,8 +449,10 @@ def render(
     cache_seconds: dict[int, float],
     eval_seconds: float,
     reused: int = 0,
-    table_lcc: dict[tuple[int, str], dict[str, Any]] | None = None,
+    variants: Sequence[tuple[str, dict[tuple[int, str], dict[str, Any]]]] = (),
 ) -> str:
+    """The results section; `variants` are (heading, table) of the same checkpoints
+    evaluated otherwise (post-processed, slice-smoothed), each paired with `table`."""
     seeds = sorted({r["seed"] for r in records})
     names = [n for n in args.configs if any(r["name"] == n for r in records)]
     classes = list(next(iter(table.values()))["per_class"])
@@ -438,6 +460,9 @@ def render(
     selected = sorted({r["selected_on"] for r in records})
     m, d, t = protocol.model, protocol.data, protocol.train
     now = dt.datetime.now(dt.timezone.utc)
+    # Slice smoothing evaluates every run a second time.
+    per_run = 2 if args.slice_smoothing else 1
+    evaluation = _evaluation_note(eval_seconds, reused, len(records), per_run)
     lines = [
         f"<!-- fewshot:{args.name} -->",
         f"## {args.title}",
@@ -466,7 +491,7 @@ def render(
         f"({torch.backends.cpu.get_cpu_capability()}), {_threads_note(records)}, "
         f"torch {torch.__version__}; encoder prefix cache "
         f"{statistics.fmean(cache_seconds.values()) if cache_seconds else 0:.0f} s per seed "
-        f"(shared by its runs); {_evaluation_note(eval_seconds, reused, len(records))}.",
+        f"(shared by its runs); {evaluation}.",
         "",
         "Mean ± standard deviation over seeds (the mean alone for a single seed). Train time: "
         "wall-clock seconds of a run's epochs (training and validation, prefix cache excluded; "
@@ -504,37 +529,57 @@ def render(
         cells = [f"{table[(s, name)]['dice']:.2f}" if (s, name) in table else "—" for s in seeds]
         lines.append(f"| {CONFIGURATIONS[name].label} | " + " | ".join(cells) + " |")
     lines += ["", "Did the paper's claims hold here (paired by seed)?", "", *claims(table, seeds)]
-    if table_lcc:
-        lines += ["", *_postprocess_lines(table, table_lcc, names, seeds)]
+    for heading, variant in variants:
+        lines += ["", *_variant_lines(heading, table, variant, names, seeds)]
     lines += ["", f"<!-- /fewshot:{args.name} -->", ""]
     return "\n".join(lines)
 
 
-def _postprocess_lines(
+LCC_HEADING = (
+    "With largest-connected-component post-processing (same checkpoints and predictions; "
+    "`--postprocess largest_component` in `hsam evaluate` / `predict`):"
+)
+
+
+def _smoothing_headings(sigma: float) -> tuple[str, str]:
+    """Headings of the slice-smoothed evaluations, without and with the largest component."""
+    how = (
+        f"class probabilities averaged across neighbouring slices with a Gaussian of sigma "
+        f"{sigma:g} slices before the argmax; `--slice-smoothing {sigma:g}` in `hsam evaluate` "
+        "/ `predict`"
+    )
+    return (
+        f"With slice smoothing (same checkpoints; {how}):",
+        f"With slice smoothing and the largest connected component (same checkpoints; {how}, "
+        "then `--postprocess largest_component`):",
+    )
+
+
+def _variant_lines(
+    heading: str,
     table: dict[tuple[int, str], dict[str, Any]],
-    table_lcc: dict[tuple[int, str], dict[str, Any]],
+    variant: dict[tuple[int, str], dict[str, Any]],
     names: list[str],
     seeds: list[int],
 ) -> list[str]:
-    """The same checkpoints with each class's largest 3-D connected component kept
-    (`hsam evaluate --postprocess largest_component`), paired with the raw predictions."""
+    """The same checkpoints evaluated another way (`heading` says how), paired with the raw
+    predictions."""
     lines = [
-        "With largest-connected-component post-processing (same checkpoints and predictions; "
-        "`--postprocess largest_component` in `hsam evaluate` / `predict`):",
+        heading,
         "",
         "| Configuration | Dice (%) | HD95 (vox) | Dice change vs raw, paired by seed |",
         "|---|---|---|---|",
     ]
     for name in names:
-        keys = [(s, name) for s in seeds if (s, name) in table_lcc]
-        diffs = [table_lcc[k]["dice"] - table[k]["dice"] for k in keys]
+        keys = [(s, name) for s in seeds if (s, name) in variant]
+        diffs = [variant[k]["dice"] - table[k]["dice"] for k in keys]
         change = f"{statistics.fmean(diffs):+.2f}" if diffs else "—"
         if len(diffs) > 1:
             change += f" (better in {sum(d > 0 for d in diffs)} of {len(diffs)} seeds)"
         cells = [
             CONFIGURATIONS[name].label,
-            _mean_sd([table_lcc[k]["dice"] for k in keys]),
-            _mean_sd([table_lcc[k]["hd95"] for k in keys]),
+            _mean_sd([variant[k]["dice"] for k in keys]),
+            _mean_sd([variant[k]["hd95"] for k in keys]),
             change,
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -592,6 +637,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--title", help="section title (default: the name)")
     parser.add_argument("--results", default=str(REPO / "docs" / "results.md"))
     parser.add_argument(
+        "--slice-smoothing",
+        type=float,
+        default=0.0,
+        metavar="SIGMA",
+        help="also evaluate every run with its probabilities smoothed across slices (a "
+        "Gaussian of SIGMA slices; `hsam evaluate --slice-smoothing`), as extra tables",
+    )
+    parser.add_argument(
         "--replaces",
         nargs="+",
         default=[],
@@ -615,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    args.slice_smoothing = check_slice_smoothing_option(args.slice_smoothing)
     protocol = load_run_config(args.protocol, args.set)
     # precision auto, resolved once for this machine: training, cache and evaluation agree.
     device = resolve_device(protocol.train.device)
@@ -641,6 +695,16 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         logger.info("%d of %d evaluations reused from earlier calls", reused, len(records))
     table = {key: scores(s["none"]) for key, s in summaries.items()}
     table_lcc = {key: scores(s["largest_component"]) for key, s in summaries.items()}
+    variants = [(LCC_HEADING, table_lcc)]
+    smoothed: dict[tuple[int, str], dict[str, Any]] = {}
+    if args.slice_smoothing:
+        t = time.time()
+        smoothed, reused_smoothed = evaluate_runs(protocol, records, test_ids, args.slice_smoothing)
+        eval_seconds += time.time() - t
+        reused += reused_smoothed
+        headings = _smoothing_headings(args.slice_smoothing)
+        for heading, method in zip(headings, POSTPROCESS_CHOICES, strict=True):
+            variants.append((heading, {k: scores(s[method]) for k, s in smoothed.items()}))
     atomic_write_text(
         out / "results.json",
         json.dumps(
@@ -652,12 +716,16 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                     {"seed": s, "name": n, **v} for (s, n), v in table_lcc.items()
                 ],
                 "summaries": [{"seed": s, "name": n, **v} for (s, n), v in summaries.items()],
+                "slice_smoothing": args.slice_smoothing,
+                "summaries_slice_smoothing": [
+                    {"seed": s, "name": n, **v} for (s, n), v in smoothed.items()
+                ],
             },
             indent=2,
         ),
     )
     section = render(
-        args, protocol, records, table, test_ids, cache_seconds, eval_seconds, reused, table_lcc
+        args, protocol, records, table, test_ids, cache_seconds, eval_seconds, reused, variants
     )
     update_results(Path(args.results), args.name, section, tuple(args.replaces))
     logger.info("wrote %s (section %s) and %s", args.results, args.name, out / "results.json")

@@ -221,6 +221,49 @@ def test_flip_tta_with_a_shared_prefix_equals_each_predictor_alone():
         Predictor(model=models[0], intensity_policy=None, tta="rot90")
 
 
+def test_slice_smoothing_averages_probabilities_across_slices():
+    """With slice smoothing the probabilities are those of each slice averaged with its
+    neighbours by a Gaussian along the slice axis, the labels their argmax; the shared-prefix
+    and cached-prefix paths give the same labels."""
+    from scipy import ndimage
+
+    from hsam.inference.slicewise import encode_volume_prefix, predict_from_prefix
+
+    model = _tiny_model(7).model
+    volume = np.random.default_rng(3).normal(0, 1, (6, 36, 44)).astype(np.float32)
+    plain = Predictor(model=model, intensity_policy=POLICY, batch_size=4)
+    smooth = Predictor(model=model, intensity_policy=POLICY, batch_size=4, slice_smoothing=1.5)
+    raw = plain.predict(volume, return_probabilities=True).probabilities
+    out = smooth.predict(volume, return_probabilities=True)
+    expected = ndimage.gaussian_filter1d(raw, 1.5, axis=1, mode="nearest")
+    np.testing.assert_allclose(out.probabilities, expected, atol=1e-6)
+    np.testing.assert_allclose(out.probabilities.sum(0), 1.0, atol=1e-5)
+    assert np.array_equal(out.labels, out.probabilities.argmax(0))
+    assert not np.array_equal(out.labels, raw.argmax(0))  # the average changed some voxels
+    assert np.array_equal(smooth(volume), out.labels)  # labels alone: the same
+    # shared prefix (a second model on the same backbone) and cached prefix agree
+    other = Predictor(
+        model=_tiny_model(8, stages=1, backbone_seed=7).model,
+        intensity_policy=POLICY,
+        batch_size=4,
+        slice_smoothing=1.5,
+    )
+    assert shared_prefix_groups([smooth, other, plain]) == [[0, 1], [2]]
+    shared = predict_shared([smooth, other], volume)
+    for predictor, prediction in zip((smooth, other), shared, strict=True):
+        assert np.array_equal(prediction.labels, predictor(volume))
+    image = smooth.to_model_range(volume)
+    features = encode_volume_prefix(model, image, prefix_units=smooth.prefix_units, batch_size=4)
+    assert np.array_equal(smooth.predict_from_prefix(features, (36, 44)), out.labels)
+    labels = predict_from_prefix(
+        model, features, (36, 44), prefix_units=smooth.prefix_units, slice_smoothing=1.5
+    )
+    assert np.array_equal(labels, out.labels)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="slice smoothing"):
+            Predictor(model=model, intensity_policy=None, slice_smoothing=bad)
+
+
 # --------------------------------------------------------------------------------------------
 # evaluate_cases
 # --------------------------------------------------------------------------------------------

@@ -392,6 +392,31 @@ def test_cli_flip_tta_is_scored_and_recorded(tmp_path, acdc_checkpoint, acdc_roo
         cli_main(["evaluate", "--checkpoint", str(acdc_checkpoint), "--out", "x", "--tta", "rot"])
 
 
+def test_cli_slice_smoothing_is_applied_and_recorded(
+    tmp_path, acdc_checkpoint, acdc_root, acdc_list, caplog
+):
+    """`hsam evaluate --slice-smoothing` scores the smoothed prediction and records it; a
+    negative sigma is refused before anything is written."""
+    outs = {}
+    for sigma in ("0", "2"):
+        outs[sigma] = tmp_path / sigma
+        argv = ["evaluate", "--checkpoint", str(acdc_checkpoint), "--data", str(acdc_root)]
+        argv += ["--split", str(acdc_list), "--out", str(outs[sigma]), "--device", "cpu"]
+        assert cli_main([*argv, "--slice-smoothing", sigma, "--save-predictions"]) == 0
+        info = json.loads((outs[sigma] / INFO_FILE).read_text())
+        assert info["slice_smoothing"] == float(sigma)
+    case_id = read_list(acdc_list)[0]
+    plain, smoothed = (
+        np.asarray(nib.load(str(outs[s] / "predictions" / f"{case_id}.nii.gz")).dataobj)
+        for s in ("0", "2")
+    )
+    assert not np.array_equal(plain, smoothed)
+    argv = ["evaluate", "--checkpoint", str(acdc_checkpoint), "--out", str(tmp_path / "bad")]
+    assert cli_main([*argv, "--slice-smoothing", "-1"]) == 2
+    assert "slice smoothing must be a finite sigma >= 0" in caplog.text
+    assert not (tmp_path / "bad").exists()
+
+
 def test_saved_predictions_keep_the_nifti_header(tmp_path):
     """`--save-predictions` writes with predict's writer: a NIfTI input whose qform and sform
     differ keeps both and their codes, so nibabel places the prediction where the input is."""

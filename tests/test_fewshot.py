@@ -94,6 +94,11 @@ def test_evaluation_note_says_what_was_evaluated(fewshot):
     assert fewshot._evaluation_note(8.0, 4, 4) == (
         "test evaluations of all 4 runs reused from earlier calls"
     )
+    # With slice smoothing each run is evaluated twice.
+    assert (
+        fewshot._evaluation_note(5.0, 4, 4, 2) == "test evaluation 5 s (4 of 8 evaluations reused)"
+    )
+    assert fewshot._evaluation_note(5.0, 8, 4, 2).startswith("test evaluations of all 4 runs")
 
 
 def test_threads_note_reports_the_training_runs_threads(fewshot, monkeypatch):
@@ -256,6 +261,28 @@ def test_fewshot_end_to_end_on_a_tiny_protocol(tmp_path, fewshot):
     assert "test evaluations of all 4 runs reused from earlier calls" in text
     again = json.loads((tmp_path / "runs" / "results.json").read_text())["scores"]
     assert again == out["scores"]
+
+    # --slice-smoothing adds tables of the smoothed predictions, evaluated once more (the raw
+    # evaluations reused and kept) and scored as predict_volume's smoothed labels.
+    assert fewshot.main([*argv, "--slice-smoothing", "1.5"]) == 0
+    assert evaluation.stat().st_mtime_ns == before[1]
+    assert record.with_name("fewshot_eval_slice_smoothing1.5.json").is_file()
+    section = results.read_text(encoding="utf-8").split("<!-- fewshot:tiny -->", 1)[1]
+    assert "With slice smoothing (same checkpoints; " in section
+    assert "`--slice-smoothing 1.5` in `hsam evaluate`" in section
+    assert "(4 of 8 evaluations reused)" in section
+    smoothed = json.loads((tmp_path / "runs" / "results.json").read_text())
+    summary = next(
+        s for s in smoothed["summaries_slice_smoothing"] if (s["seed"], s["name"]) == (1, "hsam")
+    )
+    smoothed_scores = []
+    for case in read_dataset("nnunet", tmp_path / "data", ["case3", "case4"]):
+        case = prepare_case(case, loaded.meta["intensity_policy"])
+        pred, _ = predict_volume(model, case.image, batch_size=8, slice_smoothing=1.5)
+        smoothed_scores.append(dice(pred == 1, case.label == 1, "legacy"))
+    legacy = summary["none"]["policies"]["legacy"]["mean"]["dice"]["mean"]
+    assert legacy == pytest.approx(np.mean(smoothed_scores), abs=1e-6)
+    assert fewshot.main([*argv, "--slice-smoothing", "-2"]) == 2
 
     # Another test list is evaluated afresh.
     one = tmp_path / "one.list"

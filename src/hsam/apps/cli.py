@@ -120,6 +120,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         volume_factor=args.volume_factor,
         postprocess=args.postprocess,
         tta=args.tta,
+        slice_smoothing=args.slice_smoothing,
     )
     mean = summary["policies"]["legacy"]["mean"]
     logger.info(
@@ -150,6 +151,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         volume_factor=args.volume_factor,
         postprocess=args.postprocess,
         tta=args.tta,
+        slice_smoothing=args.slice_smoothing,
     )
     logger.info("wrote %d file(s) under %s", len(written), args.output)
     return 0
@@ -189,6 +191,15 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
         help="test-time augmentation: flip averages the probabilities over the identity, "
         "left-right, up-down and both flips of each slice (4x slower; for models trained with "
         "flips: it lowered Dice on ACDC for one trained without; default none)",
+    )
+    parser.add_argument(
+        "--slice-smoothing",
+        type=float,
+        default=0.0,
+        metavar="SIGMA",
+        help="average the class probabilities across neighbouring slices with a Gaussian of "
+        "SIGMA slices before the argmax, for thin, near-isotropic slices (LA: 2 raised Dice on "
+        "held-out scans; README 'Slice smoothing'); 0 = off (default)",
     )
     parser.add_argument(
         "--volume-factor",

@@ -263,6 +263,7 @@ def evaluate_checkpoint(
     volume_factor: float | None = DEFAULT_FACTOR,
     postprocess: str = "none",
     tta: str = "none",
+    slice_smoothing: float = 0.0,
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on a labelled split and write the reports into ``out_dir``.
 
@@ -291,6 +292,8 @@ def evaluate_checkpoint(
             applied to each predicted volume before it is scored (and saved).
         tta: test-time augmentation, ``"none"`` or ``"flip"`` (probabilities averaged over
             the identity, left-right, up-down and both flips of each slice; 4x the compute).
+        slice_smoothing: sigma, in slices, of a Gaussian averaging the class probabilities
+            across neighbouring slices before the argmax (0: off; for thin slices, e.g. LA).
 
     Returns:
         The summary written to ``summary.json`` (:func:`hsam.evaluation.reports.summarize`'s
@@ -302,7 +305,12 @@ def evaluate_checkpoint(
         exist and not ``overwrite``. ConfigError: bad stage/device/precision.
     """
     options = InferenceOptions(
-        stage=stage, batch_size=batch_size, precision=precision, postprocess=postprocess, tta=tta
+        stage=stage,
+        batch_size=batch_size,
+        precision=precision,
+        postprocess=postprocess,
+        tta=tta,
+        slice_smoothing=slice_smoothing,
     )
     volume_factor = check_volume_factor(volume_factor)
     out = Path(out_dir)
@@ -339,7 +347,8 @@ def evaluate_checkpoint(
         refuse_existing(pred_paths.values())
     source = f"{fmt} data at {root}"
     logger.info(
-        "evaluating %s on %d case(s) of %s (%s; stage %s, %s, %s, intensity %s, tta %s)",
+        "evaluating %s on %d case(s) of %s (%s; stage %s, %s, %s, intensity %s, tta %s, "
+        "slice smoothing %g)",
         checkpoint,
         len(ids),
         source,
@@ -349,6 +358,7 @@ def evaluate_checkpoint(
         predictor.device,
         predictor.intensity_policy,
         predictor.tta,
+        predictor.slice_smoothing,
     )
     predictor.log_volume_check(volume_factor)
 
@@ -431,6 +441,7 @@ def evaluate_checkpoint(
             "intensity_policy": predictor.intensity_policy,
             "postprocess": predictor.postprocess,
             "tta": predictor.tta,
+            "slice_smoothing": predictor.slice_smoothing,
             "nsd_tolerance_mm": nsd_tolerance_mm
             if isinstance(nsd_tolerance_mm, (int, float))
             else list(nsd_tolerance_mm),

@@ -286,6 +286,7 @@ def predict_files(
     volume_factor: float | None = DEFAULT_FACTOR,
     postprocess: str = "none",
     tta: str = "none",
+    slice_smoothing: float = 0.0,
 ) -> list[Path]:
     """Segment volume files with ``checkpoint`` and write label maps on the inputs' grids.
 
@@ -318,6 +319,8 @@ def predict_files(
             probabilities are the model's).
         tta: test-time augmentation, ``"none"`` or ``"flip"`` (probabilities averaged over
             the identity, left-right, up-down and both flips of each slice; 4x the compute).
+        slice_smoothing: sigma, in slices, of a Gaussian averaging the class probabilities
+            across neighbouring slices before the argmax (0: off; for thin slices, e.g. LA).
 
     Returns:
         The files written, per input: label map, then probabilities and overlay if asked.
@@ -328,7 +331,12 @@ def predict_files(
             all inputs before anything is computed). CheckpointError, ConfigError.
     """
     options = InferenceOptions(
-        stage=stage, batch_size=batch_size, precision=precision, postprocess=postprocess, tta=tta
+        stage=stage,
+        batch_size=batch_size,
+        precision=precision,
+        postprocess=postprocess,
+        tta=tta,
+        slice_smoothing=slice_smoothing,
     )
     volume_factor = check_volume_factor(volume_factor)
     if isinstance(inputs, (str, os.PathLike)):
@@ -351,7 +359,8 @@ def predict_files(
         intensity_policy=intensity_policy,
     )
     logger.info(
-        "predicting %d input(s) with %s on %s (stage %s, %s, intensity %s, tta %s)",
+        "predicting %d input(s) with %s on %s (stage %s, %s, intensity %s, tta %s, "
+        "slice smoothing %g)",
         len(targets),
         checkpoint,
         predictor.device,
@@ -359,6 +368,7 @@ def predict_files(
         predictor.precision,
         predictor.intensity_policy,
         predictor.tta,
+        predictor.slice_smoothing,
     )
     predictor.log_volume_check(volume_factor)
     written: list[Path] = []

@@ -42,6 +42,7 @@ from hsam.inference.slicewise import (
     Precision,
     Stage,
     TestTimeAugmentation,
+    check_slice_smoothing,
     predict_from_prefix,
     predict_volume,
     predict_volume_shared_prefix,
@@ -66,6 +67,7 @@ __all__ = [
     "check_batch_size",
     "check_postprocess",
     "check_precision",
+    "check_slice_smoothing_option",
     "check_tta",
     "check_volume_factor",
     "checkpoint_label_names",
@@ -100,6 +102,14 @@ def check_tta(tta: str) -> TestTimeAugmentation:
             f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA_FLIPS)}."
         )
     return tta  # type: ignore[return-value]
+
+
+def check_slice_smoothing_option(sigma: float) -> float:
+    """`sigma` (slices) if it is a usable slice-smoothing width, else a ConfigError."""
+    try:
+        return check_slice_smoothing(sigma)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def check_postprocess(method: str) -> str:
@@ -160,6 +170,7 @@ class InferenceOptions:
     precision: str = "fp32"
     postprocess: str = "none"
     tta: str = "none"
+    slice_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stage", normalize_stage(self.stage))
@@ -167,6 +178,9 @@ class InferenceOptions:
         check_precision(self.precision)
         check_postprocess(self.postprocess)
         check_tta(self.tta)
+        object.__setattr__(
+            self, "slice_smoothing", check_slice_smoothing_option(self.slice_smoothing)
+        )
 
     def load(
         self,
@@ -187,6 +201,7 @@ class InferenceOptions:
             precision=self.precision,
             postprocess=self.postprocess,
             tta=self.tta,
+            slice_smoothing=self.slice_smoothing,
         )
 
 
@@ -199,8 +214,8 @@ class Prediction:
 
     Attributes:
         labels: ``(D, H, W)`` uint8 (uint16 above 256 classes) labels ``0..K``, post-processed.
-        probabilities: ``(T, D, H, W)`` float32 class probabilities (as predicted, before
-            post-processing) when asked for, else None.
+        probabilities: ``(T, D, H, W)`` float32 class probabilities (as predicted and, with
+            slice smoothing, smoothed; before post-processing) when asked for, else None.
         image: ``(D, H, W)`` float32 model input in ``[0, 1]`` (the intensity policy applied).
     """
 
@@ -223,6 +238,7 @@ class Predictor:
         precision: str = "fp32",
         postprocess: str = "none",
         tta: str = "none",
+        slice_smoothing: float = 0.0,
         volume_ranges: Mapping[int, tuple[float, float]] | None = None,
         checkpoint: Path | None = None,
         loaded: LoadedCheckpoint | None = None,
@@ -243,6 +259,10 @@ class Predictor:
             applied to the labels (the probabilities stay the model's).
           tta: test-time augmentation: ``"none"`` or ``"flip"`` (probabilities averaged over
             the identity, left-right, up-down and both flips of each slice; 4x the compute).
+          slice_smoothing: sigma, in slices, of a Gaussian that averages the class
+            probabilities across neighbouring slices before the argmax (0: off, each slice on
+            its own). For thin, near-isotropic slices such as LA's 0.625 mm (README,
+            "Slice smoothing"); the whole volume's probabilities are held while it predicts.
           volume_ranges: per-class training range of the volume fraction, for
             :meth:`check_volumes` (None: sizes are not checked).
           checkpoint, loaded: the file the model came from and its loaded content (config,
@@ -262,6 +282,7 @@ class Predictor:
         )
         self.postprocess = check_postprocess(postprocess)
         self.tta: TestTimeAugmentation = check_tta(tta)
+        self.slice_smoothing = check_slice_smoothing_option(slice_smoothing)
         #: Foreground classes K (the model predicts labels 0..K from its T = K + 1 tokens).
         self.num_classes = int(model.num_tokens) - 1
         self.label_names = checkpoint_label_names(
@@ -284,6 +305,7 @@ class Predictor:
         precision: str = "fp32",
         postprocess: str = "none",
         tta: str = "none",
+        slice_smoothing: float = 0.0,
     ) -> Predictor:
         """Load ``checkpoint`` (written by ``hsam train``) for inference on ``device``.
 
@@ -294,8 +316,8 @@ class Predictor:
                 time (its sha256 must match the one recorded in the checkpoint).
             intensity_policy: override of ``meta["intensity_policy"]`` (e.g.
                 ``"ct_window[-125,275]"``); needed only for checkpoints that lack it.
-            stage, batch_size, precision, postprocess, tta: as in the constructor; stage 2
-                needs a two-stage model.
+            stage, batch_size, precision, postprocess, tta, slice_smoothing: as in the
+                constructor; stage 2 needs a two-stage model.
 
         Raises:
             CheckpointError: unreadable checkpoint, backbone mismatch, no intensity policy.
@@ -331,6 +353,7 @@ class Predictor:
             precision=precision,
             postprocess=postprocess,
             tta=tta,
+            slice_smoothing=slice_smoothing,
             volume_ranges=ranges_from_meta(loaded.meta, k),
             checkpoint=Path(checkpoint),
             loaded=loaded,
@@ -372,6 +395,7 @@ class Predictor:
             stage=self.stage,
             precision=self.precision,
             tta=self.tta,
+            slice_smoothing=self.slice_smoothing,
             return_probabilities=return_probabilities,
         )
         return Prediction(self.finish(labels), probs, image)
@@ -398,6 +422,7 @@ class Predictor:
             batch_size=self.batch_size,
             stage=self.stage,
             precision=self.precision,
+            slice_smoothing=self.slice_smoothing,
         )
         return self.finish(labels)
 
@@ -457,7 +482,8 @@ def _frozen_encoder_tensors(model: HSAM) -> list[Tensor]:
 
 def _same_prefix(a: Predictor, b: Predictor) -> bool:
     """Whether `b` can finish `a`'s prefix features with the same inputs and settings."""
-    settings = ("intensity_policy", "batch_size", "precision", "tta")  # stages may differ
+    # stages may differ
+    settings = ("intensity_policy", "batch_size", "precision", "tta", "slice_smoothing")
     if any(getattr(a, s) != getattr(b, s) for s in settings) or a.prefix_units != b.prefix_units:
         return False
     # how slices become model inputs (the prefix is computed from those inputs)
@@ -506,6 +532,7 @@ def predict_shared(
             stage=[predictors[i].stage for i in group],
             precision=lead.precision,
             tta=lead.tta,
+            slice_smoothing=lead.slice_smoothing,
         )
         for i, raw in zip(group, labels, strict=True):
             out[i] = Prediction(predictors[i].finish(raw), None, image)

@@ -8,6 +8,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from scipy import ndimage
 from torch.nn import functional as F
 
 from hsam.config import InputResize
@@ -59,6 +60,26 @@ def tta_probabilities(
         total = probs if total is None else total + probs
     assert total is not None
     return total / len(flips)
+
+
+def check_slice_smoothing(sigma: float) -> float:
+    """`sigma` as a float if it is a usable smoothing width (finite, >= 0), else ValueError."""
+    value = float(sigma)
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(
+            f"slice smoothing must be a finite sigma >= 0 in slices (0 = off), got {sigma!r}."
+        )
+    return value
+
+
+def smooth_across_slices(probs: np.ndarray, sigma: float) -> np.ndarray:
+    """(T, D, H, W) class probabilities averaged across neighbouring slices: a Gaussian of
+    `sigma` slices along D (edges repeat the end slices), the same in-plane. Slice-wise
+    predictions of a thin-slice volume disagree from slice to slice; the average makes them
+    agree where the anatomy does. Probabilities stay probabilities (the kernel sums to 1)."""
+    if sigma == 0:
+        return probs
+    return ndimage.gaussian_filter1d(probs, sigma, axis=1, mode="nearest")
 
 
 def _slice_batches(
@@ -114,6 +135,39 @@ def labels_from_probabilities(
     return probabilities_to_grid(probs, shape, resize).argmax(1).cpu().numpy()
 
 
+class _VolumeProbabilities:
+    """A volume's labels from its slices' probabilities, added batch by batch: each batch's
+    argmax at once, or, with slice smoothing or `keep`, the whole volume's probabilities held
+    until :meth:`finish` (which smooths them across slices first)."""
+
+    def __init__(
+        self, num_tokens: int, shape: tuple[int, ...], slice_smoothing: float, keep: bool = False
+    ) -> None:
+        self.sigma = check_slice_smoothing(slice_smoothing)
+        self.keep = keep
+        self.grid = (int(shape[-2]), int(shape[-1]))
+        self.labels = np.zeros(shape, dtype=_label_dtype(num_tokens))
+        self.probs = None
+        if keep or self.sigma:
+            self.probs = np.zeros((num_tokens, *shape), dtype=np.float32)
+
+    def add(self, index: slice, probs: torch.Tensor, resize: InputResize) -> None:
+        """(b, T, S, S) probabilities of the slices `index`."""
+        grid = probabilities_to_grid(probs, self.grid, resize)
+        self.labels[index] = grid.argmax(1).cpu().numpy()
+        if self.probs is not None:
+            self.probs[:, index] = grid.transpose(0, 1).cpu().numpy()
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """(D, H, W) labels and, with `keep`, the (T, D, H, W) probabilities they are the
+        argmax of (smoothed as they are)."""
+        if self.sigma:
+            assert self.probs is not None
+            self.probs = smooth_across_slices(self.probs, self.sigma)
+            self.labels = self.probs.argmax(0).astype(self.labels.dtype)
+        return self.labels, self.probs if self.keep else None
+
+
 def _model_batches(
     model: HSAM, volume: np.ndarray, batch_size: int, device: torch.device
 ) -> Iterator[tuple[slice, torch.Tensor]]:
@@ -137,6 +191,7 @@ def predict_volume(
     stage: Stage = "fused",
     precision: Precision = "fp32",
     tta: TestTimeAugmentation = "none",
+    slice_smoothing: float = 0.0,
     return_probabilities: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -144,31 +199,28 @@ def predict_volume(
 
     Slices are resized (bilinear) to the model's S, stretched or aspect-kept and padded as
     `model.input_resize` says, and predicted in batches (averaged over `tta`'s flips); the
-    class probabilities of the slice's region are resized back (bilinear) to (H, W) and the
+    class probabilities of the slice's region are resized back (bilinear) to (H, W),
+    smoothed across slices when `slice_smoothing` (a sigma in slices) is above 0
+    (:func:`smooth_across_slices`; the whole volume's probabilities are then held), and the
     labels are their argmax.
 
     Returns:
       labels (D, H, W) uint8 (uint16 above 256 classes), and (T, D, H, W) float32
-      probabilities (resized back bilinearly) when `return_probabilities`, else None.
+      probabilities (resized back bilinearly, smoothed as the labels) when
+      `return_probabilities`, else None.
     """
     model.eval()
     device = next(model.parameters()).device
-    _, h, w = volume.shape
-    labels = np.zeros(volume.shape, dtype=_label_dtype(model.num_tokens))
-    probs_out = None
-    if return_probabilities:
-        probs_out = np.zeros((model.num_tokens, *volume.shape), dtype=np.float32)
-    batches = _model_batches(model, volume, batch_size, device)
-    for index, x in batches:
+    volume_probs = _VolumeProbabilities(
+        model.num_tokens, volume.shape, slice_smoothing, keep=return_probabilities
+    )
+    for index, x in _model_batches(model, volume, batch_size, device):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             probs = tta_probabilities(model, x, stage=stage, tta=tta)
-        probs = probabilities_to_grid(probs, (h, w), model.input_resize)
-        labels[index] = probs.argmax(1).cpu().numpy()
-        if probs_out is not None:
-            probs_out[:, index] = probs.transpose(0, 1).cpu().numpy()
+        volume_probs.add(index, probs, model.input_resize)
         if progress is not None:
             progress(x.shape[0])
-    return labels, probs_out
+    return volume_probs.finish()
 
 
 @torch.no_grad()
@@ -201,19 +253,22 @@ def predict_from_prefix(
     batch_size: int = 8,
     stage: Stage = "fused",
     precision: Precision = "fp32",
+    slice_smoothing: float = 0.0,
 ) -> np.ndarray:
     """(D, H, W) labels from `encode_volume_prefix` features; the same labels as
     `predict_volume` on the volume (same math, the prefix is just not recomputed)."""
     model.eval()
     device = next(model.parameters()).device
-    labels = np.zeros((features.shape[0], *shape), dtype=_label_dtype(model.num_tokens))
+    volume_probs = _VolumeProbabilities(
+        model.num_tokens, (features.shape[0], *shape), slice_smoothing
+    )
     for start in range(0, features.shape[0], batch_size):
         x = features[start : start + batch_size].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = model(x, start_unit=prefix_units)
         probs = stage_probabilities(out, stage).float()
-        labels[start : start + len(x)] = labels_from_probabilities(probs, shape, model.input_resize)
-    return labels
+        volume_probs.add(slice(start, start + len(x)), probs, model.input_resize)
+    return volume_probs.finish()[0]
 
 
 @torch.no_grad()
@@ -226,6 +281,7 @@ def predict_volume_shared_prefix(
     stage: Stage | Sequence[Stage] = "fused",
     precision: Precision = "fp32",
     tta: TestTimeAugmentation = "none",
+    slice_smoothing: float = 0.0,
 ) -> list[np.ndarray]:
     """Like `predict_volume` for several models that share their first `prefix_units` frozen
     encoder units (same backbone weights, LoRA only after them): the prefix runs once per
@@ -235,8 +291,7 @@ def predict_volume_shared_prefix(
     if len(stages) != len(models):
         raise ValueError(f"{len(stages)} stages for {len(models)} models.")
     device = next(models[0].parameters()).device
-    _, h, w = volume.shape
-    outputs = [np.zeros(volume.shape, dtype=_label_dtype(m.num_tokens)) for m in models]
+    outputs = [_VolumeProbabilities(m.num_tokens, volume.shape, slice_smoothing) for m in models]
     for model in models:
         model.eval()
     flips = TTA_FLIPS[tta]
@@ -252,8 +307,7 @@ def predict_volume_shared_prefix(
                     out = finished[id(model)]
                     probs = _flipped(stage_probabilities(out, stages[i]).float(), dims)
                     sums[i] = probs if sums[i] is None else sums[i] + probs
-        for labels, total in zip(outputs, sums, strict=True):
+        for volume_probs, total in zip(outputs, sums, strict=True):
             assert total is not None
-            # The mean's argmax is the sum's: no division needed for labels.
-            labels[index] = labels_from_probabilities(total, (h, w), models[0].input_resize)
-    return outputs
+            volume_probs.add(index, total / len(flips), models[0].input_resize)
+    return [volume_probs.finish()[0] for volume_probs in outputs]
