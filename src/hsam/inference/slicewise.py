@@ -153,16 +153,16 @@ class _VolumeProbabilities:
 
     def add(self, index: slice, probs: torch.Tensor, resize: InputResize) -> None:
         """(b, T, S, S) probabilities of the slices `index`."""
-        grid = probabilities_to_grid(probs, self.grid, resize)
-        self.labels[index] = grid.argmax(1).cpu().numpy()
-        if self.probs is not None:
+        if self.probs is None:
+            self.labels[index] = labels_from_probabilities(probs, self.grid, resize)
+        else:  # labelled once, in finish
+            grid = probabilities_to_grid(probs, self.grid, resize)
             self.probs[:, index] = grid.transpose(0, 1).cpu().numpy()
 
     def finish(self) -> tuple[np.ndarray, np.ndarray | None]:
         """(D, H, W) labels and, with `keep`, the (T, D, H, W) probabilities they are the
         argmax of (smoothed as they are)."""
-        if self.sigma:
-            assert self.probs is not None
+        if self.probs is not None:
             self.probs = smooth_across_slices(self.probs, self.sigma)
             self.labels = self.probs.argmax(0).astype(self.labels.dtype)
         return self.labels, self.probs if self.keep else None
