@@ -14,9 +14,10 @@ resumes from its last finished epoch, so a second call picks up where the first 
 A run's test evaluation is kept beside it (`fewshot_eval.json`, keyed by the checkpoint's
 sha256, the data and the test list) and reused by later calls; delete those files to
 re-evaluate after changing the metrics code. Every section also scores the largest connected
-component of the same predictions; `--slice-smoothing SIGMA` evaluates each run a second time
-with its probabilities smoothed across slices (`hsam evaluate --slice-smoothing`), stored as
-`fewshot_eval_slice_smoothing<SIGMA>.json`, and adds those tables.
+component of the same predictions; `--slice-smoothing SIGMA` also scores each run with its
+probabilities smoothed across slices (`hsam evaluate --slice-smoothing`; from the same pass of
+the network as the raw predictions), stored as `fewshot_eval_slice_smoothing<SIGMA>.json`, and
+adds those tables.
 
 The script writes its own section of docs/results.md (between `<!-- fewshot:NAME -->` markers,
 other sections untouched): rows = configurations, mean and standard deviation over seeds of
@@ -217,62 +218,68 @@ def evaluate_runs(
     protocol: RunConfig,
     records: list[dict[str, Any]],
     test_ids: list[str],
-    slice_smoothing: float = 0.0,
-) -> tuple[dict[tuple[int, str], dict[str, Any]], int]:
+    smoothings: tuple[float, ...] = (0.0,),
+) -> tuple[dict[float, dict[tuple[int, str], dict[str, Any]]], int]:
     """3-D evaluation of every run's checkpoint on the test cases (prefix shared per slice),
-    of the predictions (with `slice_smoothing`, see `hsam.inference.slicewise`) and of each
+    of its predictions with each slice smoothing in `smoothings` (0: the raw predictions;
+    see `hsam.inference.slicewise`; one pass of the network serves them all) and of each
     post-processing of them (`hsam.inference.postprocess`).
 
-    A run evaluated before with the same checkpoint bytes, data and test list keeps its stored
-    summaries (beside its run record); returns {(seed, name): {postprocess: summary}} and how
-    many were reused."""
-    summaries: dict[tuple[int, str], dict[str, Any]] = {}
-    todo: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    A run evaluated before with the same checkpoint bytes, data, test list and smoothing keeps
+    its stored summaries (beside its run record); returns {smoothing: {(seed, name):
+    {postprocess: summary}}} and how many (run, smoothing) evaluations were reused."""
+    summaries: dict[float, dict[tuple[int, str], dict[str, Any]]] = {s: {} for s in smoothings}
+    todo: list[tuple[dict[str, Any], float, dict[str, Any]]] = []
     for record in records:
-        key = _evaluation_key(protocol, record, test_ids, slice_smoothing)
-        summary = stored_evaluation(_evaluation_path(record, slice_smoothing), key)
-        if summary is None:
-            todo.append((record, key))
-        else:
-            summaries[(record["seed"], record["name"])] = summary
+        for sigma in smoothings:
+            key = _evaluation_key(protocol, record, test_ids, sigma)
+            summary = stored_evaluation(_evaluation_path(record, sigma), key)
+            if summary is None:
+                todo.append((record, sigma, key))
+            else:
+                summaries[sigma][(record["seed"], record["name"])] = summary
     if todo:
-        fresh = _evaluate(protocol, [r for r, _ in todo], test_ids, slice_smoothing)
-        for record, key in todo:
-            summary = fresh[(record["seed"], record["name"])]
+        fresh = _evaluate(protocol, [(r, sigma) for r, sigma, _ in todo], test_ids)
+        for (record, sigma, key), summary in zip(todo, fresh, strict=True):
             stored = json.dumps({"key": key, "summaries": summary}, indent=2)
-            atomic_write_text(_evaluation_path(record, slice_smoothing), stored)
-            summaries[(record["seed"], record["name"])] = summary
-    ordered = {(r["seed"], r["name"]): summaries[(r["seed"], r["name"])] for r in records}
-    return ordered, len(records) - len(todo)
+            atomic_write_text(_evaluation_path(record, sigma), stored)
+            summaries[sigma][(record["seed"], record["name"])] = summary
+    ordered = {
+        sigma: {(r["seed"], r["name"]): by_run[(r["seed"], r["name"])] for r in records}
+        for sigma, by_run in summaries.items()
+    }
+    return ordered, len(records) * len(smoothings) - len(todo)
 
 
 def _evaluate(
-    protocol: RunConfig, records: list[dict[str, Any]], test_ids: list[str], slice_smoothing: float
-) -> dict[tuple[int, str], dict[str, Any]]:
-    predictors = [
-        Predictor.from_checkpoint(
-            r["checkpoint"],
-            device="cpu",
-            batch_size=protocol.train.inference_batch_size,
-            precision=protocol.train.precision,
-            slice_smoothing=slice_smoothing,
-        )
-        for r in records
-    ]
+    protocol: RunConfig, jobs: list[tuple[dict[str, Any], float]], test_ids: list[str]
+) -> list[dict[str, Any]]:
+    """Summaries (per post-processing) of each (run record, slice smoothing), in order; a
+    checkpoint is loaded once and its smoothings share its model, so it runs once per slice."""
+    loaded: dict[str, Predictor] = {}
+    predictors = []
+    for record, sigma in jobs:
+        path = str(record["checkpoint"])
+        if path not in loaded:
+            loaded[path] = Predictor.from_checkpoint(
+                path,
+                device="cpu",
+                batch_size=protocol.train.inference_batch_size,
+                precision=protocol.train.precision,
+            )
+        predictors.append(loaded[path].with_settings(slice_smoothing=sigma))
     cases = (read_dataset(protocol.data.format, protocol.data.root, [i])[0] for i in test_ids)
     evaluations = evaluate_cases(predictors, cases, postprocess=POSTPROCESS_CHOICES)
-    rows = {method: [[] for _ in records] for method in POSTPROCESS_CHOICES}
+    rows = {method: [[] for _ in jobs] for method in POSTPROCESS_CHOICES}
     for i, evaluation in enumerate(evaluations, 1):
         for score in evaluation.scores:
             rows[score.postprocess][score.predictor].extend(score.rows)
         case_id = evaluation.case.case_id
         logger.info("test case %d/%d %s: %.0f s", i, len(test_ids), case_id, evaluation.seconds)
-    return {
-        (r["seed"], r["name"]): {
-            method: summarize(rows[method][j], n_resamples=200) for method in POSTPROCESS_CHOICES
-        }
-        for j, r in enumerate(records)
-    }
+    return [
+        {method: summarize(rows[method][j], n_resamples=200) for method in POSTPROCESS_CHOICES}
+        for j in range(len(jobs))
+    ]
 
 
 def scores(summary: dict[str, Any]) -> dict[str, Any]:
@@ -460,7 +467,7 @@ def render(
     selected = sorted({r["selected_on"] for r in records})
     m, d, t = protocol.model, protocol.data, protocol.train
     now = dt.datetime.now(dt.timezone.utc)
-    # Slice smoothing evaluates every run a second time.
+    # With slice smoothing each run has two stored evaluations (raw, smoothed).
     per_run = 2 if args.slice_smoothing else 1
     evaluation = _evaluation_note(eval_seconds, reused, len(records), per_run)
     lines = [
@@ -641,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=0.0,
         metavar="SIGMA",
-        help="also evaluate every run with its probabilities smoothed across slices (a "
+        help="also score every run with its probabilities smoothed across slices (a "
         "Gaussian of SIGMA slices; `hsam evaluate --slice-smoothing`), as extra tables",
     )
     parser.add_argument(
@@ -688,20 +695,20 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         records += seed_records
         # Reused runs report the cache time of the call that trained them.
         cache_seconds[seed] = cache_s or max(r["prefix_cache_seconds"] for r in seed_records)
+    smoothings = (0.0, args.slice_smoothing) if args.slice_smoothing else (0.0,)
     t = time.time()
-    summaries, reused = evaluate_runs(protocol, records, test_ids)
+    evaluated, reused = evaluate_runs(protocol, records, test_ids, smoothings)
     eval_seconds = time.time() - t
     if reused:
-        logger.info("%d of %d evaluations reused from earlier calls", reused, len(records))
+        total = len(records) * len(smoothings)
+        logger.info("%d of %d evaluations reused from earlier calls", reused, total)
+    summaries = evaluated[0.0]
     table = {key: scores(s["none"]) for key, s in summaries.items()}
     table_lcc = {key: scores(s["largest_component"]) for key, s in summaries.items()}
     variants = [(LCC_HEADING, table_lcc)]
     smoothed: dict[tuple[int, str], dict[str, Any]] = {}
     if args.slice_smoothing:
-        t = time.time()
-        smoothed, reused_smoothed = evaluate_runs(protocol, records, test_ids, args.slice_smoothing)
-        eval_seconds += time.time() - t
-        reused += reused_smoothed
+        smoothed = evaluated[args.slice_smoothing]
         headings = _smoothing_headings(args.slice_smoothing)
         for heading, method in zip(headings, POSTPROCESS_CHOICES, strict=True):
             variants.append((heading, {k: scores(s[method]) for k, s in smoothed.items()}))

@@ -248,10 +248,21 @@ def test_slice_smoothing_averages_probabilities_across_slices():
         batch_size=4,
         slice_smoothing=1.5,
     )
-    assert shared_prefix_groups([smooth, other, plain]) == [[0, 1], [2]]
+    assert shared_prefix_groups([smooth, other, plain]) == [[0, 1, 2]]
     shared = predict_shared([smooth, other], volume)
     for predictor, prediction in zip((smooth, other), shared, strict=True):
         assert np.array_equal(prediction.labels, predictor(volume))
+    # Raw and smoothed labels of one model come from one pass of it: a predictor made by
+    # with_settings shares the model object, which runs once per batch of slices.
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    both = predict_shared([plain, plain.with_settings(slice_smoothing=1.5)], volume)
+    hook.remove()
+    assert len(calls) == 2  # 6 slices in batches of 4
+    assert np.array_equal(both[0].labels, raw.argmax(0))
+    assert np.array_equal(both[1].labels, out.labels)
+    with pytest.raises(ConfigError, match="unknown predictor setting"):
+        plain.with_settings(smoothing=1.5)
     image = smooth.to_model_range(volume)
     features = encode_volume_prefix(model, image, prefix_units=smooth.prefix_units, batch_size=4)
     assert np.array_equal(smooth.predict_from_prefix(features, (36, 44)), out.labels)

@@ -94,7 +94,7 @@ def test_evaluation_note_says_what_was_evaluated(fewshot):
     assert fewshot._evaluation_note(8.0, 4, 4) == (
         "test evaluations of all 4 runs reused from earlier calls"
     )
-    # With slice smoothing each run is evaluated twice.
+    # With slice smoothing each run has two evaluations (raw and smoothed).
     assert (
         fewshot._evaluation_note(5.0, 4, 4, 2) == "test evaluation 5 s (4 of 8 evaluations reused)"
     )
@@ -262,8 +262,8 @@ def test_fewshot_end_to_end_on_a_tiny_protocol(tmp_path, fewshot):
     again = json.loads((tmp_path / "runs" / "results.json").read_text())["scores"]
     assert again == out["scores"]
 
-    # --slice-smoothing adds tables of the smoothed predictions, evaluated once more (the raw
-    # evaluations reused and kept) and scored as predict_volume's smoothed labels.
+    # --slice-smoothing adds tables of the smoothed predictions (the raw evaluations reused
+    # and kept), scored as predict_volume's smoothed labels.
     assert fewshot.main([*argv, "--slice-smoothing", "1.5"]) == 0
     assert evaluation.stat().st_mtime_ns == before[1]
     assert record.with_name("fewshot_eval_slice_smoothing1.5.json").is_file()
@@ -284,12 +284,19 @@ def test_fewshot_end_to_end_on_a_tiny_protocol(tmp_path, fewshot):
     assert legacy == pytest.approx(np.mean(smoothed_scores), abs=1e-6)
     assert fewshot.main([*argv, "--slice-smoothing", "-2"]) == 2
 
-    # Another test list is evaluated afresh.
+    # Another test list is evaluated afresh, raw and smoothed from one pass of each model.
     one = tmp_path / "one.list"
     one.write_text("case3\n")
-    assert fewshot.main([*argv, "--test-list", str(one)]) == 0
-    assert json.loads(evaluation.read_text())["key"]["test_ids"] == ["case3"]
+    assert fewshot.main([*argv, "--test-list", str(one), "--slice-smoothing", "1.5"]) == 0
+    for name in ("fewshot_eval.json", "fewshot_eval_slice_smoothing1.5.json"):
+        assert json.loads(record.with_name(name).read_text())["key"]["test_ids"] == ["case3"]
     assert "evaluations reused" not in results.read_text(encoding="utf-8")
+    again = json.loads((tmp_path / "runs" / "results.json").read_text())
+    summary = next(
+        s for s in again["summaries_slice_smoothing"] if (s["seed"], s["name"]) == (1, "hsam")
+    )
+    legacy = summary["none"]["policies"]["legacy"]["mean"]["dice"]["mean"]
+    assert legacy == pytest.approx(smoothed_scores[0], abs=1e-6)
 
 
 def _samed_argv(protocol: Path, tmp_path: Path, seed: int = 0) -> list[str]:

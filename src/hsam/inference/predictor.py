@@ -359,6 +359,29 @@ class Predictor:
             loaded=loaded,
         )
 
+    def with_settings(self, **changes: Any) -> Predictor:
+        """A predictor of the same model object (not a copy, so :func:`predict_shared` runs it
+        once for both) with some inference settings changed, e.g. ``slice_smoothing=2.0``;
+        checked as the constructor checks them."""
+        settings = {
+            "intensity_policy": self.intensity_policy,
+            "label_names": self.label_names,
+            "stage": self.stage,
+            "batch_size": self.batch_size,
+            "precision": self.precision,
+            "postprocess": self.postprocess,
+            "tta": self.tta,
+            "slice_smoothing": self.slice_smoothing,
+            "volume_ranges": self.volume_ranges,
+            "checkpoint": self.checkpoint,
+            "loaded": self.loaded,
+        }
+        if unknown := sorted(set(changes) - set(settings)):
+            raise ConfigError(
+                f"unknown predictor setting(s) {unknown}; choose from {sorted(settings)}"
+            )
+        return Predictor(model=self.model, **(settings | changes))
+
     # ------------------------------------------------------------------ properties
     @property
     def device(self) -> torch.device:
@@ -482,8 +505,8 @@ def _frozen_encoder_tensors(model: HSAM) -> list[Tensor]:
 
 def _same_prefix(a: Predictor, b: Predictor) -> bool:
     """Whether `b` can finish `a`'s prefix features with the same inputs and settings."""
-    # stages may differ
-    settings = ("intensity_policy", "batch_size", "precision", "tta", "slice_smoothing")
+    # stages and slice smoothing (applied to each model's output) may differ
+    settings = ("intensity_policy", "batch_size", "precision", "tta")
     if any(getattr(a, s) != getattr(b, s) for s in settings) or a.prefix_units != b.prefix_units:
         return False
     # how slices become model inputs (the prefix is computed from those inputs)
@@ -532,7 +555,7 @@ def predict_shared(
             stage=[predictors[i].stage for i in group],
             precision=lead.precision,
             tta=lead.tta,
-            slice_smoothing=lead.slice_smoothing,
+            slice_smoothing=[predictors[i].slice_smoothing for i in group],
         )
         for i, raw in zip(group, labels, strict=True):
             out[i] = Prediction(predictors[i].finish(raw), None, image)

@@ -281,17 +281,28 @@ def predict_volume_shared_prefix(
     stage: Stage | Sequence[Stage] = "fused",
     precision: Precision = "fp32",
     tta: TestTimeAugmentation = "none",
-    slice_smoothing: float = 0.0,
+    slice_smoothing: float | Sequence[float] = 0.0,
 ) -> list[np.ndarray]:
     """Like `predict_volume` for several models that share their first `prefix_units` frozen
     encoder units (same backbone weights, LoRA only after them): the prefix runs once per
-    slice (and flip). `stage`: one for all models, or one per model; a model listed several
-    times (e.g. once per stage) runs once. Returns one (D, H, W) label volume per entry."""
+    slice (and flip). `stage` and `slice_smoothing`: one for all models, or one per model; a
+    model listed several times (e.g. once per stage, or per smoothing) runs once. Returns one
+    (D, H, W) label volume per entry."""
     stages = [stage] * len(models) if isinstance(stage, str) else list(stage)
-    if len(stages) != len(models):
-        raise ValueError(f"{len(stages)} stages for {len(models)} models.")
+    sigmas = (
+        list(slice_smoothing)
+        if isinstance(slice_smoothing, Sequence)
+        else [slice_smoothing] * len(models)
+    )
+    if len(stages) != len(models) or len(sigmas) != len(models):
+        raise ValueError(
+            f"{len(stages)} stages and {len(sigmas)} slice smoothings for {len(models)} models."
+        )
     device = next(models[0].parameters()).device
-    outputs = [_VolumeProbabilities(m.num_tokens, volume.shape, slice_smoothing) for m in models]
+    outputs = [
+        _VolumeProbabilities(m.num_tokens, volume.shape, sigma)
+        for m, sigma in zip(models, sigmas, strict=True)
+    ]
     for model in models:
         model.eval()
     flips = TTA_FLIPS[tta]
