@@ -266,6 +266,8 @@ def _evaluate(
                 device="cpu",
                 batch_size=protocol.train.inference_batch_size,
                 precision=protocol.train.precision,
+                postprocess="none",  # the raw labels; evaluate_cases scores each method
+                slice_smoothing=0.0,  # not the recipe's default: each table says its own
             )
         predictors.append(loaded[path].with_settings(slice_smoothing=sigma))
     cases = (read_dataset(protocol.data.format, protocol.data.root, [i])[0] for i in test_ids)

@@ -4,6 +4,7 @@ and the scoring loop give the numbers of the low-level functions they wrap."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import shutil
 import subprocess
@@ -17,12 +18,17 @@ import torch
 import hsam
 from conftest import write_nnunet_dataset
 from hsam.config import DataConfig, ModelConfig, TrainConfig, to_dict
-from hsam.errors import ConfigError, DataError
+from hsam.errors import CheckpointError, ConfigError, DataError
 from hsam.evaluation.metrics import evaluate_case
 from hsam.evaluation.reports import case_rows
 from hsam.evaluation.scoring import evaluate_cases
 from hsam.inference.postprocess import keep_largest_component
-from hsam.inference.predictor import Predictor, predict_shared, shared_prefix_groups
+from hsam.inference.predictor import (
+    InferenceOptions,
+    Predictor,
+    predict_shared,
+    shared_prefix_groups,
+)
 from hsam.inference.slicewise import predict_volume
 from hsam.intensity import to_model_range
 from hsam.io.checkpoint import save_checkpoint
@@ -48,7 +54,11 @@ def _tiny_model(seed: int, *, stages: int = 2, backbone_seed: int | None = None)
     return built
 
 
-def _write_checkpoint(path: Path, seed: int = 0, *, stages: int = 2) -> Path:
+def _write_checkpoint(
+    path: Path, seed: int = 0, *, stages: int = 2, inference: dict | None = None
+) -> Path:
+    """A tiny checkpoint; its run config has an `inference` section only when given one (as
+    checkpoints written before that section existed)."""
     built = _tiny_model(seed, stages=stages)
     cfg = dataclasses.replace(TINY, stages=stages)
     config = {
@@ -56,6 +66,8 @@ def _write_checkpoint(path: Path, seed: int = 0, *, stages: int = 2) -> Path:
         "data": to_dict(DataConfig()),
         "train": to_dict(TrainConfig()),
     }
+    if inference is not None:
+        config["inference"] = inference
     meta = {"intensity_policy": POLICY, "label_names": {"0": "background", "1": "blob"}}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, built, config=config, meta=meta)
@@ -158,6 +170,36 @@ def test_predictor_refuses_bad_settings(workspace):
         Predictor(model=model, intensity_policy=None, postprocess="smooth")
     with pytest.raises(ConfigError, match="batch_size"):
         Predictor(model=model, intensity_policy=None, batch_size=0)
+
+
+def test_a_checkpoint_predicts_with_its_recipes_inference_defaults(workspace, tmp_path, caplog):
+    """The run config's `inference` section is what from_checkpoint applies unless told
+    otherwise; a checkpoint without one (written before it existed) predicts as before."""
+    recipe = {"slice_smoothing": 1.5, "postprocess": "largest_component"}
+    path = _write_checkpoint(tmp_path / "recipe.pt", seed=9, inference=recipe)
+    with caplog.at_level(logging.INFO, logger="hsam.inference.predictor"):
+        predictor = Predictor.from_checkpoint(path, device="cpu", batch_size=4)
+    assert (predictor.slice_smoothing, predictor.postprocess) == (1.5, "largest_component")
+    assert "post-processing largest_component, slice smoothing 1.5" in caplog.text
+    volume = np.random.default_rng(4).normal(50, 20, (6, 40, 48)).astype(np.float32)
+    image = to_model_range(volume, POLICY)
+    smoothed, _ = predict_volume(predictor.model, image, batch_size=4, slice_smoothing=1.5)
+    assert np.array_equal(predictor(volume), keep_largest_component(smoothed, 1))
+    raw, _ = predict_volume(predictor.model, image, batch_size=4)
+    assert not np.array_equal(raw, smoothed)
+    told = Predictor.from_checkpoint(path, device="cpu", postprocess="none", slice_smoothing=0)
+    assert (told.slice_smoothing, told.postprocess) == (0.0, "none")
+    # hsam predict / evaluate without --slice-smoothing / --postprocess: the same defaults
+    cli = InferenceOptions().load(path, device="cpu")
+    assert (cli.slice_smoothing, cli.postprocess) == (1.5, "largest_component")
+    assert np.array_equal(told(volume), raw)
+    old = Predictor.from_checkpoint(workspace / "runs" / "mine" / "checkpoints" / "best.pt")
+    assert (old.slice_smoothing, old.postprocess) == (0.0, "none")
+    bad = _write_checkpoint(tmp_path / "bad.pt", inference={"slice_smoothing": -1})
+    with pytest.raises(CheckpointError, match="inference defaults hsam cannot use .*-1"):
+        Predictor.from_checkpoint(bad, device="cpu")
+    chosen = Predictor.from_checkpoint(bad, device="cpu", postprocess="none", slice_smoothing=2)
+    assert chosen.slice_smoothing == 2.0
 
 
 def test_shared_prefix_predictions_equal_each_predictor_alone():

@@ -76,9 +76,13 @@ def test_config_differences_name_what_a_run_was_trained_with():
         f"model.lora_rank: {cfg.model.lora_rank} in the run, 8 now",
         "train.epochs: 4 in the run, 8 now",
     ]
-    # Not part of what is trained: the test list and the device.
+    # Not part of what is trained: the test list, the device and the inference defaults.
     moved = config("data.test_list=b.list", "train.device=cpu")
     assert config_differences(stored, moved) == []
+    recipe = config("inference.slice_smoothing=2", "inference.postprocess=largest_component")
+    assert config_differences(stored, recipe) == []
+    before_inference = {k: v for k, v in stored.items() if k != "inference"}
+    assert config_differences(before_inference, recipe) == []
     # Resolved during training when left empty (here the class noise levels).
     stored["model"]["class_noise_std"] = [0.1, 0.35]
     assert config_differences(stored, cfg) == []
@@ -134,6 +138,8 @@ def test_config_differences_name_what_a_run_was_trained_with():
         ("model.lora_alpha=-2.0", "model.lora_alpha"),
         ("data.val_cases=-1", "data.val_cases"),
         ("data.train_cases=0", "data.train_cases"),
+        ("inference.slice_smoothing=-1", "inference.slice_smoothing"),
+        ("inference.slice_smoothing=.inf", "inference.slice_smoothing"),
     ],
 )
 def test_out_of_range_values_are_refused_when_the_config_loads(override, field):

@@ -162,9 +162,13 @@ def test_ground_truth_survives_the_trip_to_s_and_back(dataset, resize):
     assert np.mean(scores) >= 0.995
 
 
-# pad: ACDC frames are not square, so the aspect-keeping path is exercised end to end
-@pytest.mark.parametrize("resize", ["stretch", "pad"])
-def test_validation_dice_equals_evaluate_of_the_saved_checkpoint(tmp_path, resize):
+# pad: ACDC frames are not square, so the aspect-keeping path is exercised end to end;
+# stretch carries recipe inference defaults, which validation and evaluate both apply.
+RECIPE_INFERENCE = ["inference.slice_smoothing=1", "inference.postprocess=largest_component"]
+
+
+@pytest.mark.parametrize("resize,inference", [("stretch", RECIPE_INFERENCE), ("pad", [])])
+def test_validation_dice_equals_evaluate_of_the_saved_checkpoint(tmp_path, resize, inference):
     _need("acdc")
     cfg = load_run_config(
         REPO / "configs" / "acdc_5pct_litemedsam_cpu.yaml",
@@ -177,6 +181,7 @@ def test_validation_dice_equals_evaluate_of_the_saved_checkpoint(tmp_path, resiz
             "train.augmented_views=1",
             "data.val_cases=1",
             f"model.input_resize={resize}",
+            *inference,
         ],
     )
     result = run_training(cfg, tmp_path / "run")

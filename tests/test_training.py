@@ -17,7 +17,7 @@ import yaml
 
 from conftest import tiny_run_config
 from hsam.apps.cli import main
-from hsam.config import load_run_config
+from hsam.config import InferenceConfig, load_run_config
 from hsam.devices import resolve_precision
 from hsam.engine.losses import learning_rate, schedule_epoch, soft_dice_loss, stage1_weight
 from hsam.engine.trainer import run_training
@@ -393,6 +393,9 @@ def test_cached_validation_reuses_volume_prefix_and_matches(tmp_path):
     from hsam.engine.data import build_run_data
     from hsam.engine.prefix_cache import PrefixCache
     from hsam.engine.trainer import validation_dice
+    from hsam.evaluation.metrics import dice
+    from hsam.inference.postprocess import keep_largest_component
+    from hsam.inference.slicewise import predict_volume
 
     cfg = load_run_config(tiny_run_config(tmp_path), ["model.lora_last_n=1"])
     data = build_run_data(
@@ -416,6 +419,16 @@ def test_cached_validation_reuses_volume_prefix_and_matches(tmp_path):
     plain = validation_dice(model, data.val_cases, 2)
     cached = validation_dice(model, data.val_cases, 2, cache=cache)
     assert cached == pytest.approx(plain, abs=1e-12)
+    # A recipe's inference defaults are scored, as `hsam evaluate` applies them.
+    recipe = InferenceConfig(slice_smoothing=1.5, postprocess="largest_component")
+    expected = []
+    for case in data.val_cases:
+        labels, _ = predict_volume(model, case.image, batch_size=2, slice_smoothing=1.5)
+        labels = keep_largest_component(labels, 1)
+        expected.append(dice(labels == 1, case.label == 1, "legacy"))
+    with_recipe = validation_dice(model, data.val_cases, 2, cache=cache, inference=recipe)
+    assert with_recipe == pytest.approx(np.mean(expected), abs=1e-12)
+    assert with_recipe != pytest.approx(plain)
     assert set(cache.volumes) == {c.case_id for c in data.val_cases}
     features = next(iter(cache.volumes.values()))
     validation_dice(model, data.val_cases, 2, cache=cache)  # second use: no recompute

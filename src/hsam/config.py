@@ -50,6 +50,8 @@ InputNormalization = Literal["backbone", "identity"]
 InputResize = Literal["stretch", "pad"]
 Stage2Init = Literal["random", "stage1"]
 LoRALayers = Literal["qv", "all_linear"]
+# Post-processings of predicted labels (hsam.inference.postprocess).
+Postprocess = Literal["none", "largest_component"]
 
 
 @dataclass
@@ -487,10 +489,28 @@ class TrainConfig:
 
 
 @dataclass
+class InferenceConfig:
+    """How a recipe's checkpoints predict by default [ours]: a checkpoint keeps its run's
+    config, so ``hsam predict`` / ``hsam evaluate`` (and ``Predictor.from_checkpoint``) use
+    these unless told otherwise, and validation during training scores with them. They do not
+    change what is trained (a run's reuse ignores them)."""
+
+    # Sigma, in slices, of a Gaussian that averages the class probabilities across
+    # neighbouring slices before the argmax (0: off). For thin, near-isotropic slices (LA).
+    slice_smoothing: float = 0.0
+    # "largest_component": each class keeps its largest 3-D connected component.
+    postprocess: Postprocess = "none"
+
+    def __post_init__(self) -> None:
+        _at_least("inference.slice_smoothing", self.slice_smoothing, 0)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    inference: InferenceConfig = dataclasses.field(default_factory=InferenceConfig)
 
 
 def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
@@ -500,8 +520,11 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> R
     return from_dict(RunConfig, data, "config")
 
 
-# Fields that do not change what a run trains: where it is evaluated and on which device.
-_NOT_TRAINING = frozenset({"data.test_list", "train.device"})
+# Fields that do not change what a run trains: where it is evaluated, on which device and
+# how its checkpoints predict by default.
+_NOT_TRAINING = frozenset(
+    {"data.test_list", "train.device", "inference.slice_smoothing", "inference.postprocess"}
+)
 # Fields a run fills in when the config leaves them unresolved (this value): the class noise
 # levels and the precision "auto" (resolved for the run's hardware).
 _RESOLVED_IN_TRAINING = {"model.class_noise_std": None, "train.precision": "auto"}
@@ -514,9 +537,10 @@ def config_differences(stored: dict[str, Any], cfg: RunConfig) -> list[str]:
     ``"train.epochs: 4 in the run, 8 now"``.
 
     Not compared: fields a run resolves when `cfg` leaves them unresolved (the class noise
-    levels, precision auto), fields that do not change what is trained (test list, device)
-    and, for a one-stage model, the stage weight. A field `stored` lacks was added to hsam after the
-    run; it counts as its default, the behaviour from before the field existed."""
+    levels, precision auto), fields that do not change what is trained (test list, device,
+    inference defaults) and, for a one-stage model, the stage weight. A field `stored` lacks
+    was added to hsam after the run; it counts as its default, the behaviour from before the
+    field existed."""
     # Through YAML, as config.yaml was written, so tuples compare as lists.
     wanted = yaml.safe_load(dump_yaml(to_dict(cfg)))
     defaults = yaml.safe_load(dump_yaml(to_dict(RunConfig())))

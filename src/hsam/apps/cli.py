@@ -180,9 +180,9 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--postprocess",
         choices=POSTPROCESS_CHOICES,
-        default="none",
         help="largest_component: each class keeps its largest 3-D connected component "
-        "(labels only; default none)",
+        "(labels only; default: the checkpoint's recipe, config inference.postprocess; none "
+        "where it has none)",
     )
     parser.add_argument(
         "--tta",
@@ -195,11 +195,11 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--slice-smoothing",
         type=float,
-        default=0.0,
         metavar="SIGMA",
         help="average the class probabilities across neighbouring slices with a Gaussian of "
         "SIGMA slices before the argmax, for thin, near-isotropic slices (LA: 2 raised Dice on "
-        "held-out scans; README 'Slice smoothing'); 0 = off (default)",
+        "held-out scans; README 'Slice smoothing'); 0 = off (default: the checkpoint's recipe, "
+        "config inference.slice_smoothing; 0 where it has none)",
     )
     parser.add_argument(
         "--volume-factor",

@@ -261,9 +261,9 @@ def evaluate_checkpoint(
     intensity_policy: str | None = None,
     progress: bool = True,
     volume_factor: float | None = DEFAULT_FACTOR,
-    postprocess: str = "none",
+    postprocess: str | None = None,
     tta: str = "none",
-    slice_smoothing: float = 0.0,
+    slice_smoothing: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on a labelled split and write the reports into ``out_dir``.
 
@@ -294,6 +294,8 @@ def evaluate_checkpoint(
             the identity, left-right, up-down and both flips of each slice; 4x the compute).
         slice_smoothing: sigma, in slices, of a Gaussian averaging the class probabilities
             across neighbouring slices before the argmax (0: off; for thin slices, e.g. LA).
+            ``postprocess`` and ``slice_smoothing`` left None take the checkpoint's recipe
+            defaults (its run config's ``inference`` section; none and 0 without one).
 
     Returns:
         The summary written to ``summary.json`` (:func:`hsam.evaluation.reports.summarize`'s

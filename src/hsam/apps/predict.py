@@ -284,9 +284,9 @@ def predict_files(
     intensity_policy: str | None = None,
     progress: bool = True,
     volume_factor: float | None = DEFAULT_FACTOR,
-    postprocess: str = "none",
+    postprocess: str | None = None,
     tta: str = "none",
-    slice_smoothing: float = 0.0,
+    slice_smoothing: float | None = None,
 ) -> list[Path]:
     """Segment volume files with ``checkpoint`` and write label maps on the inputs' grids.
 
@@ -321,6 +321,8 @@ def predict_files(
             the identity, left-right, up-down and both flips of each slice; 4x the compute).
         slice_smoothing: sigma, in slices, of a Gaussian averaging the class probabilities
             across neighbouring slices before the argmax (0: off; for thin slices, e.g. LA).
+            ``postprocess`` and ``slice_smoothing`` left None take the checkpoint's recipe
+            defaults (its run config's ``inference`` section; none and 0 without one).
 
     Returns:
         The files written, per input: label map, then probabilities and overlay if asked.

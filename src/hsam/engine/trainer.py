@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hsam.config import RunConfig, from_dict, load_yaml
+from hsam.config import InferenceConfig, RunConfig, from_dict, load_yaml
 from hsam.data import Case
 from hsam.engine.checkpointing import (
     METRICS_FILE,
@@ -84,13 +84,22 @@ def validation_dice(
     *,
     precision: str = "fp32",
     cache: PrefixCache | None = None,
+    inference: InferenceConfig | None = None,
 ) -> float:
     """Mean over cases and classes of the 3-D Dice (legacy policy) on the validation cases
     (images already in [0, 1]), scored by :func:`hsam.evaluation.scoring.evaluate_cases`.
 
-    With `cache`, the frozen encoder prefix of each volume is computed once and reused."""
+    With `cache`, the frozen encoder prefix of each volume is computed once and reused.
+    `inference`: the recipe's inference defaults (slice smoothing, post-processing), as
+    ``hsam evaluate`` applies them to the run's checkpoints."""
+    inference = inference or InferenceConfig()
     predictor = Predictor(
-        model=model, intensity_policy=None, batch_size=batch_size, precision=precision
+        model=model,
+        intensity_policy=None,
+        batch_size=batch_size,
+        precision=precision,
+        postprocess=inference.postprocess,
+        slice_smoothing=inference.slice_smoothing,
     )
     evaluations = evaluate_cases(predictor, cases, metrics="dice", prefix_cache=cache)
     return float(np.mean([d for e in evaluations for d in e.scores[0].dice]))
@@ -214,6 +223,7 @@ class Trainer:
             tcfg.inference_batch_size,
             precision=tcfg.precision,
             cache=self.parts.cache,
+            inference=self.parts.config.inference,
         )
         record["val_dice"] = score
         self.state.last_val_dice = score

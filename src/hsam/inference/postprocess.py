@@ -9,12 +9,13 @@ positives and never adds a voxel, so it cannot repair a missed structure.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import get_args
 
 import numpy as np
 from scipy import ndimage
 
-Postprocess = Literal["none", "largest_component"]
+from hsam.config import Postprocess
+
 POSTPROCESS_CHOICES: tuple[str, ...] = get_args(Postprocess)
 
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hsam.config import InferenceConfig, from_dict
 from hsam.devices import PRECISIONS, resolve_device, resolve_precision
 from hsam.errors import CheckpointError, ConfigError, DataError
 from hsam.inference.postprocess import POSTPROCESS_CHOICES, postprocess_labels
@@ -70,6 +71,7 @@ __all__ = [
     "check_slice_smoothing_option",
     "check_tta",
     "check_volume_factor",
+    "checkpoint_inference_defaults",
     "checkpoint_label_names",
     "normalize_stage",
     "predict_shared",
@@ -135,6 +137,20 @@ def check_batch_size(batch_size: int) -> int:
     return int(batch_size)
 
 
+def checkpoint_inference_defaults(config: Mapping[str, Any], path: Any) -> InferenceConfig:
+    """The inference defaults a checkpoint's run config records (``inference``; checkpoints
+    written before it existed: none, i.e. :class:`hsam.config.InferenceConfig`'s defaults)."""
+    section = config.get("inference") or {}
+    try:
+        return from_dict(InferenceConfig, section, "inference")
+    except ConfigError:
+        raise CheckpointError(
+            f"checkpoint {path} records inference defaults hsam cannot use (its config's "
+            f"'inference': {section!r}; edited, or written by another hsam version). Choose "
+            "them: --postprocess and --slice-smoothing (Python: postprocess=, slice_smoothing=)."
+        ) from None
+
+
 def checkpoint_label_names(meta: Mapping[str, Any], num_classes: int) -> dict[int, str]:
     """``{0: background, 1..K: name}`` from ``meta["label_names"]`` (int or str keys).
 
@@ -168,19 +184,22 @@ class InferenceOptions:
     stage: str | int = "fused"
     batch_size: int = 8
     precision: str = "fp32"
-    postprocess: str = "none"
+    #: None: the checkpoint's default (its run config's ``inference`` section).
+    postprocess: str | None = None
     tta: str = "none"
-    slice_smoothing: float = 0.0
+    #: None: the checkpoint's default (its run config's ``inference`` section).
+    slice_smoothing: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stage", normalize_stage(self.stage))
         check_batch_size(self.batch_size)
         check_precision(self.precision)
-        check_postprocess(self.postprocess)
+        if self.postprocess is not None:
+            check_postprocess(self.postprocess)
         check_tta(self.tta)
-        object.__setattr__(
-            self, "slice_smoothing", check_slice_smoothing_option(self.slice_smoothing)
-        )
+        if self.slice_smoothing is not None:
+            sigma = check_slice_smoothing_option(self.slice_smoothing)
+            object.__setattr__(self, "slice_smoothing", sigma)
 
     def load(
         self,
@@ -303,9 +322,9 @@ class Predictor:
         stage: str | int = "fused",
         batch_size: int = 8,
         precision: str = "fp32",
-        postprocess: str = "none",
+        postprocess: str | None = None,
         tta: str = "none",
-        slice_smoothing: float = 0.0,
+        slice_smoothing: float | None = None,
     ) -> Predictor:
         """Load ``checkpoint`` (written by ``hsam train``) for inference on ``device``.
 
@@ -317,7 +336,9 @@ class Predictor:
             intensity_policy: override of ``meta["intensity_policy"]`` (e.g.
                 ``"ct_window[-125,275]"``); needed only for checkpoints that lack it.
             stage, batch_size, precision, postprocess, tta, slice_smoothing: as in the
-                constructor; stage 2 needs a two-stage model.
+                constructor; stage 2 needs a two-stage model. ``postprocess`` and
+                ``slice_smoothing`` left None take the checkpoint's recipe defaults (its run
+                config's ``inference`` section; none and 0 for checkpoints without one).
 
         Raises:
             CheckpointError: unreadable checkpoint, backbone mismatch, no intensity policy.
@@ -344,6 +365,21 @@ class Predictor:
         except DataError as exc:
             raise CheckpointError(f"checkpoint {checkpoint}: {exc}") from exc
         k = int(cfg.num_classes)
+        chosen = []
+        if postprocess is None or slice_smoothing is None:
+            recipe = checkpoint_inference_defaults(loaded.config, checkpoint)
+        if postprocess is None:
+            postprocess = recipe.postprocess
+            chosen.append(f"post-processing {postprocess}")
+        if slice_smoothing is None:
+            slice_smoothing = recipe.slice_smoothing
+            chosen.append(f"slice smoothing {slice_smoothing:g}")
+        if chosen:
+            logger.info(
+                "%s: %s (the recipe's defaults, its config's 'inference')",
+                checkpoint,
+                ", ".join(chosen),
+            )
         return cls(
             model=loaded.built.model.to(dev).eval(),
             intensity_policy=str(policy),
