@@ -45,7 +45,14 @@ from typing import Any
 
 import torch
 
-from hsam.config import ModelConfig, RunConfig, config_differences, load_run_config, load_yaml
+from hsam.config import (
+    InferenceConfig,
+    ModelConfig,
+    RunConfig,
+    config_differences,
+    load_run_config,
+    load_yaml,
+)
 from hsam.data import read_dataset
 from hsam.devices import configure_cpu_allocator, resolve_device, resolve_precision
 from hsam.engine.data import read_id_list
@@ -496,6 +503,7 @@ def render(
         f"- test: {len(test_ids)} volumes from `{args.test_list or d.test_list}`, 3-D, "
         "legacy policy (the paper's convention: Dice, HD95 in voxels); checkpoint chosen on "
         f"{' / '.join(selected)} ({_validation_note(Path(args.out), records)}).",
+        _inference_note(protocol.inference, args.slice_smoothing),
         f"- machine: {platform.processor() or platform.machine()} "
         f"({torch.backends.cpu.get_cpu_capability()}), {_threads_note(records)}, "
         f"torch {torch.__version__}; encoder prefix cache "
@@ -542,6 +550,29 @@ def render(
         lines += ["", *_variant_lines(heading, table, variant, names, seeds)]
     lines += ["", f"<!-- /fewshot:{args.name} -->", ""]
     return "\n".join(lines)
+
+
+def _inference_note(inference: InferenceConfig, sigma: float) -> str:
+    """Which table holds what `hsam predict` gives the recipe's checkpoints by default (its
+    config's `inference`); `sigma`: this call's --slice-smoothing."""
+    note = "- inference: the main table scores the raw predictions"
+    smoothing, lcc = inference.slice_smoothing, inference.postprocess == "largest_component"
+    if not smoothing and not lcc:
+        return note + ", as the recipe's checkpoints predict by default."
+    defaults = " and ".join(
+        ([f"slice smoothing {smoothing:g}"] if smoothing else [])
+        + (["the largest connected component"] if lcc else [])
+    )
+    if smoothing and smoothing != sigma:
+        where = f"not evaluated in this section (`--slice-smoothing {smoothing:g}` adds it)"
+    elif smoothing:
+        where = "the last table below" if lcc else "the slice-smoothing table below"
+    else:
+        where = "the largest-connected-component table below"
+    return (
+        f"{note}; the recipe's checkpoints predict with {defaults} by default (config "
+        f"`inference`, applied by `hsam predict` / `evaluate`): {where}."
+    )
 
 
 LCC_HEADING = (

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import REPO, ellipsoid_label, write_nnunet_dataset
-from hsam.config import AugmentConfig, ModelConfig
+from hsam.config import AugmentConfig, InferenceConfig, ModelConfig
 from hsam.data import read_dataset
 from hsam.engine.data import prepare_case
 from hsam.evaluation.metrics import dice
@@ -121,6 +121,18 @@ def test_lora_note_names_rank_layers_and_blocks(fewshot):
         "LoRA rank 4 on every linear layer of every encoder block"
     )
     assert fewshot._lora_note(ModelConfig(lora_last_n=0)).startswith("no LoRA")
+
+
+def test_inference_note_points_at_the_table_of_the_recipes_defaults(fewshot):
+    note = fewshot._inference_note
+    assert note(InferenceConfig(), 0.0).endswith("as the recipe's checkpoints predict by default.")
+    la = InferenceConfig(slice_smoothing=2, postprocess="largest_component")
+    assert "with slice smoothing 2 and the largest connected component" in note(la, 2.0)
+    assert note(la, 2.0).endswith(": the last table below.")
+    assert note(la, 0.0).endswith("(`--slice-smoothing 2` adds it).")
+    lcc = InferenceConfig(postprocess="largest_component")
+    assert note(lcc, 0.0).endswith(": the largest-connected-component table below.")
+    assert note(InferenceConfig(slice_smoothing=1), 1.0).endswith("slice-smoothing table below.")
 
 
 def test_augmentation_note_names_each_enabled_extra(fewshot):
@@ -248,6 +260,7 @@ def test_fewshot_end_to_end_on_a_tiny_protocol(tmp_path, fewshot):
     reported = next(s for s in lcc if (s["seed"], s["name"]) == (1, "hsam"))
     assert reported["dice"] == pytest.approx(100 * np.mean(kept), abs=1e-6)
     assert "With largest-connected-component post-processing" in section
+    assert "- inference: the main table scores the raw predictions, as the recipe" in section
 
     # A second call reuses the finished runs and their evaluations, and rewrites only its
     # own section.
