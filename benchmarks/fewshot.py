@@ -263,12 +263,12 @@ def _evaluate(
 ) -> list[dict[str, Any]]:
     """Summaries (per post-processing) of each (run record, slice smoothing), in order; a
     checkpoint is loaded once and its smoothings share its model, so it runs once per slice."""
-    loaded: dict[str, Predictor] = {}
+    by_checkpoint: dict[str, Predictor] = {}
     predictors = []
     for record, sigma in jobs:
         path = str(record["checkpoint"])
-        if path not in loaded:
-            loaded[path] = Predictor.from_checkpoint(
+        if path not in by_checkpoint:
+            by_checkpoint[path] = Predictor.from_checkpoint(
                 path,
                 device="cpu",
                 batch_size=protocol.train.inference_batch_size,
@@ -276,7 +276,7 @@ def _evaluate(
                 postprocess="none",  # the raw labels; evaluate_cases scores each method
                 slice_smoothing=0.0,  # not the recipe's default: each table says its own
             )
-        predictors.append(loaded[path].with_settings(slice_smoothing=sigma))
+        predictors.append(by_checkpoint[path].with_settings(slice_smoothing=sigma))
     cases = (read_dataset(protocol.data.format, protocol.data.root, [i])[0] for i in test_ids)
     evaluations = evaluate_cases(predictors, cases, postprocess=POSTPROCESS_CHOICES)
     rows = {method: [[] for _ in jobs] for method in POSTPROCESS_CHOICES}
