@@ -7,8 +7,9 @@ the test list. This is how the README's ACDC recipe choices were measured, e.g.
     python benchmarks/acdc_validation.py runs/a/checkpoints/final.pt runs/b/checkpoints/final.pt
 
 prints, per checkpoint, the mean Dice of RV/Myo/LV for stage 1, stage 2 and the fused output
-(`--stages`), without and with flip test-time augmentation (`--tta none flip`), and each
-class's mean over the frames.
+(`--stages`), without and with flip test-time augmentation (`--tta none flip`) and
+post-processing (`--postprocess none largest_component`), and each class's mean over the
+frames.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from hsam.data.formats.acdc import read_acdc_slice
 from hsam.data.formats.common import parse_slice_id, read_list
 from hsam.errors import ConfigError
 from hsam.evaluation.scoring import evaluate_cases
+from hsam.inference.postprocess import POSTPROCESS_CHOICES
 from hsam.inference.predictor import Predictor
 from hsam.inference.slicewise import TTA_FLIPS
 
@@ -85,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", nargs="+", default=["1", "2", "fused"])
     parser.add_argument("--tta", nargs="+", default=["none"], choices=tuple(TTA_FLIPS))
     parser.add_argument(
+        "--postprocess",
+        nargs="+",
+        default=["none"],
+        choices=POSTPROCESS_CHOICES,
+        help="each variant also with these post-processings (scored on the same predictions)",
+    )
+    parser.add_argument(
         "--frames",
         choices=("validation", "labelled"),
         default="validation",
@@ -108,11 +117,22 @@ def main(argv: list[str] | None = None) -> int:
             for stage in args.stages:
                 try:
                     predictor = Predictor.from_checkpoint(
-                        checkpoint, device="cpu", stage=stage, precision="auto", tta=tta
+                        checkpoint,
+                        device="cpu",
+                        stage=stage,
+                        precision="auto",
+                        tta=tta,
+                        postprocess="none",
+                        slice_smoothing=0.0,
                     )
                 except ConfigError:  # a one-stage model has no stage 2
                     continue
-                variants[stage if tta == "none" else f"{stage}+{tta}"] = predictor
+                key = stage if tta == "none" else f"{stage}+{tta}"
+                for postprocess in args.postprocess:
+                    # Same model object: its slices run once for every post-processing.
+                    variants[key if postprocess == "none" else f"{key}+{postprocess}"] = (
+                        predictor.with_settings(postprocess=postprocess)
+                    )
         # One call: the variants share each slice's encoder prefix (per flip).
         dices: dict[str, list[list[float]]] = defaultdict(list)  # per frame, per class
         evaluations = evaluate_cases(list(variants.values()), cases, metrics="dice")

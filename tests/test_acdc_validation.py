@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, make_checkpoint
+from hsam.evaluation.scoring import evaluate_cases
+from hsam.inference.predictor import Predictor
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +80,36 @@ def test_per_frame_logs_each_frames_shape_and_class_dice(tmp_path, acdc_validati
     with caplog.at_level(logging.INFO, logger="acdc_validation"):
         acdc_validation.main([*argv, "--stages", "fused"])
     assert not any(r.getMessage().startswith("  ") for r in caplog.records)
+
+
+def test_postprocess_variants_score_what_the_postprocessed_predictor_scores(
+    tmp_path, acdc_validation, caplog
+):
+    _acdc_slices(tmp_path, ["patient001", "patient002"], (24, 20))
+    ckpt = make_checkpoint(tmp_path / "k3.pt", num_classes=3, trained=False)
+    argv = [str(ckpt), "--root", str(tmp_path), "--labelled-lines", "4", "--every", "1"]
+    with caplog.at_level(logging.INFO, logger="acdc_validation"):
+        main_args = [*argv, "--stages", "fused", "--per-frame"]
+        assert acdc_validation.main([*main_args, "--postprocess", "none", "largest_component"]) == 0
+    rows = {
+        tuple(r.getMessage().split()[i] for i in (0, 4)): r.getMessage().split("[")[1]
+        for r in caplog.records
+        if r.getMessage().startswith("  ")
+    }
+    frames = acdc_validation.validation_frames(tmp_path, labelled_lines=4, every=1)
+    for postprocess, key in (("none", "fused"), ("largest_component", "fused+largest_component")):
+        predictor = Predictor.from_checkpoint(
+            ckpt, device="cpu", precision="auto", postprocess=postprocess
+        )
+        for case, evaluation in zip(
+            frames, evaluate_cases(predictor, frames, metrics="dice"), strict=True
+        ):
+            expected = [round(100 * d, 1) for d in evaluation.scores[0].dice]
+            logged = [float(v) for v in rows[(case.case_id, key)].rstrip("]").split(",")]
+            assert logged == expected, (case.case_id, key)
+    # the untrained model scatters its labels, so keeping the largest component changes Dice
+    assert any(
+        rows[(c.case_id, "fused")] != rows[(c.case_id, "fused+largest_component")] for c in frames
+    )
+    summary = caplog.records[-1].getMessage()
+    assert "'fused'" in summary and "'fused+largest_component'" in summary

@@ -148,6 +148,21 @@ def test_out_of_range_values_are_refused_when_the_config_loads(override, field):
         load_run_config(None, [override])  # range errors come before cross-field checks
 
 
+def test_exponent_notation_without_a_dot_is_a_number(tmp_path):
+    """PyYAML reads 1e-7 (no dot) as a string; in a float field it means the number, from a
+    file and from --set alike, while a word is still refused."""
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  base_lr: 5e-4\n  weight_decay: 1E-2\n")
+    cfg = load_run_config(path, ["inference.slice_smoothing=+2e0"])
+    assert (cfg.train.base_lr, cfg.train.weight_decay) == (5e-4, 1e-2)
+    assert cfg.inference.slice_smoothing == 2.0
+    assert load_run_config(None, ["train.base_lr=1e-7"]).train.base_lr == 1e-7
+    with pytest.raises(ConfigError, match="train.base_lr: expected float"):
+        load_run_config(None, ["train.base_lr=fast"])
+    with pytest.raises(ConfigError, match="train.epochs: expected int"):
+        load_run_config(None, ["train.epochs=1e3"])  # an int field takes no float form
+
+
 # K is stored once (model.num_classes); configs and run directories written before that also
 # carry data.num_classes and must keep loading.
 def _old_style(tmp_path, data_k: int, model_k: int = 3):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -159,6 +160,9 @@ def _is_optional(tp: Any) -> tuple[bool, Any]:
     return False, tp
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against the annotation `tp`, converting int->float where harmless."""
     optional, inner = _is_optional(tp)
@@ -186,6 +190,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {value!r}.")
         return dict(value)
     if inner is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if inner is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        # YAML 1.1 (PyYAML) reads 1e-4 without a dot as a string; it means the number.
         return float(value)
     if inner in (int, float, str, bool):
         if not isinstance(value, inner) or (inner is int and isinstance(value, bool)):
