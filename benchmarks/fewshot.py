@@ -433,6 +433,11 @@ def _augmentation_note(aug: Any) -> str:
         parts.append(f"contrast {aug.contrast_range} (p {aug.p_contrast})")
     if aug.p_gamma > 0:
         parts.append(f"gamma {aug.gamma_range} (p {aug.p_gamma})")
+    if aug.p_histogram_shift > 0:
+        parts.append(
+            f"histogram shift ({aug.histogram_shift_points} knots moved up to "
+            f"{aug.histogram_shift_max}; p {aug.p_histogram_shift})"
+        )
     return ", ".join(parts)
 
 

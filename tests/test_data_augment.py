@@ -166,7 +166,9 @@ def _ramp(h: int = 48, w: int = 40) -> tuple[np.ndarray, np.ndarray]:
 
 
 _GEOMETRIC = dict(p_rotate=0.7, p_scale=0.7, p_elastic=0.5)
-_EXTRAS_OFF = dict(p_flip_rot90=0.0, p_bias_field=0.0, p_contrast=0.0, p_gamma=0.0)
+_EXTRAS_OFF = dict(
+    p_flip_rot90=0.0, p_bias_field=0.0, p_contrast=0.0, p_gamma=0.0, p_histogram_shift=0.0
+)
 
 
 def test_extras_default_off_and_do_not_change_geometric_draws() -> None:
@@ -177,7 +179,9 @@ def test_extras_default_off_and_do_not_change_geometric_draws() -> None:
     explicit = Augmenter(21, **_GEOMETRIC, **_EXTRAS_OFF)
     # intensity-only extras draw after the geometric ones: for the same per-sample generator
     # (as SliceDataset passes) the geometry is unchanged
-    intensity = Augmenter(21, **_GEOMETRIC, p_bias_field=1.0, p_contrast=1.0, p_gamma=1.0)
+    intensity = Augmenter(
+        21, **_GEOMETRIC, p_bias_field=1.0, p_contrast=1.0, p_gamma=1.0, p_histogram_shift=1.0
+    )
     for i in range(20):
         i0, l0 = default(image, lab, rng=np.random.default_rng([21, i]))
         ops = default.last_applied
@@ -187,7 +191,12 @@ def test_extras_default_off_and_do_not_change_geometric_draws() -> None:
         np.testing.assert_array_equal(l0, l1)
         np.testing.assert_array_equal(l0, l2)
         assert set(ops) <= {"rotate", "scale", "elastic"}
-        assert intensity.last_applied == ops + ("bias_field", "contrast", "gamma")
+        assert intensity.last_applied == ops + (
+            "bias_field",
+            "contrast",
+            "gamma",
+            "histogram_shift",
+        )
     # the paper config (no geometric op drawn either) is an exact copy
     ident = Augmenter(0, p_rotate=0, p_scale=0, p_elastic=0)
     out_img, out_lab = ident(image, lab)
@@ -199,6 +208,7 @@ def test_extras_default_off_and_do_not_change_geometric_draws() -> None:
     "kw, op",
     [
         (dict(p_gamma=1.0, gamma_range=(0.5, 2.0)), "gamma"),
+        (dict(p_histogram_shift=1.0), "histogram_shift"),
         (dict(p_bias_field=1.0, bias_field_coefficient=0.5), "bias_field"),
         (
             dict(p_contrast=1.0, contrast_range=(0.65, 1.5), brightness_range=(-0.15, 0.15)),
@@ -273,6 +283,28 @@ def test_bias_field_can_make_a_dimmer_region_the_brighter_one() -> None:
         swaps[name] = sum(o[20:28, 20:28].mean() > o[4:12, 4:12].mean() for o in outs)
     assert swaps["global"] == 0
     assert 20 <= swaps["bias_field"] <= 180
+
+
+def test_histogram_shift_is_a_monotone_curve_that_can_darken_the_middle_under_a_bright_top():
+    x = np.linspace(0.0, 1.0, 101, dtype=np.float32)[None, :]
+    aug = Augmenter(
+        4, p_rotate=0, p_scale=0, p_elastic=0, p_histogram_shift=1.0, histogram_shift_max=0.3
+    )
+    middles = []
+    for _ in range(300):
+        out = aug(x)[0][0]
+        assert aug.last_applied == ("histogram_shift",)
+        assert np.all(np.diff(out) >= 0)  # the order of intensities is kept
+        assert (out[0], out[-1]) == (0.0, 1.0)
+        assert np.abs(out - x[0]).max() <= 0.3 + 1e-6  # knots move at most the maximum
+        middles.append(float(out[75]))
+    # an LA blood pool at 0.75 can end up under 0.5 while the brightest voxels stay at 1
+    assert min(middles) < 0.5 and max(middles) > 0.95
+    assert 0.3 < np.mean(np.array(middles) < 0.75) < 0.7  # darker about as often as brighter
+    with pytest.raises(ConfigError, match="histogram_shift_points"):
+        Augmenter(0, histogram_shift_points=0)
+    with pytest.raises(ConfigError, match="histogram_shift_max"):
+        Augmenter(0, histogram_shift_max=1.5)
 
 
 def test_gamma_is_a_monotone_power_in_range() -> None:
@@ -467,6 +499,9 @@ def test_run_config_validates_and_wires_the_extras() -> None:
             "train.augment.p_bias_field=0.4",
             "train.augment.bias_field_coefficient=0.3",
             "train.augment.bias_field_order=2",
+            "train.augment.p_histogram_shift=0.6",
+            "train.augment.histogram_shift_points=5",
+            "train.augment.histogram_shift_max=0.2",
             "model.num_classes=1",
         ],
     )
@@ -477,3 +512,8 @@ def test_run_config_validates_and_wires_the_extras() -> None:
     assert aug.brightness_range == (-0.3, 0.1) and aug.p_flip_rot90 == 0.5
     assert aug.p_rot90 == 0.25
     assert (aug.p_bias_field, aug.bias_field_coefficient, aug.bias_field_order) == (0.4, 0.3, 2)
+    assert (aug.p_histogram_shift, aug.histogram_shift_points, aug.histogram_shift_max) == (
+        0.6,
+        5,
+        0.2,
+    )

@@ -145,6 +145,9 @@ def test_augmentation_note_names_each_enabled_extra(fewshot):
         "rotation, scaling, elastic, bias field (order 3, coefficients up to 0.3; p 0.5), "
         "gamma [0.5, 2.0] (p 0.2)"
     )
+    assert fewshot._augmentation_note(AugmentConfig(p_histogram_shift=0.5)) == (
+        "rotation, scaling, elastic, histogram shift (3 knots moved up to 0.3; p 0.5)"
+    )
 
 
 def test_a_full_section_replaces_the_partial_one(tmp_path, fewshot):

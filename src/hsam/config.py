@@ -379,6 +379,13 @@ class AugmentConfig:
     p_gamma: float = 0.0
     # Gamma g, log-uniform in [low, high], 0 < low (nnU-Net: [0.7, 1.5]); g > 1 darkens.
     gamma_range: list[float] = dataclasses.field(default_factory=lambda: [0.5, 2.0])
+    # Probability of x through a random monotone piecewise-linear curve from (0, 0) to (1, 1)
+    # (MONAI RandHistogramShift): it can darken mid-range tissue under a bright top.
+    p_histogram_shift: float = 0.0
+    # Interior knots of that curve, evenly spaced in x, an integer >= 1.
+    histogram_shift_points: int = 3
+    # How far each knot moves up or down, in [0, 1].
+    histogram_shift_max: float = 0.3
 
     def __post_init__(self) -> None:
         where = "train.augment"
@@ -391,6 +398,7 @@ class AugmentConfig:
             "p_bias_field",
             "p_contrast",
             "p_gamma",
+            "p_histogram_shift",
         ):
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
@@ -402,6 +410,17 @@ class AugmentConfig:
         if int(self.bias_field_order) != self.bias_field_order or self.bias_field_order < 1:
             raise ConfigError(
                 f"{where}.bias_field_order={self.bias_field_order} must be an integer >= 1."
+            )
+        if int(self.histogram_shift_points) != self.histogram_shift_points or (
+            self.histogram_shift_points < 1
+        ):
+            raise ConfigError(
+                f"{where}.histogram_shift_points={self.histogram_shift_points} must be an "
+                "integer >= 1."
+            )
+        if not 0.0 <= self.histogram_shift_max <= 1.0:
+            raise ConfigError(
+                f"{where}.histogram_shift_max={self.histogram_shift_max} must lie in [0, 1]."
             )
         if not (math.isfinite(self.max_angle) and self.max_angle >= 0):
             raise ConfigError(f"{where}.max_angle={self.max_angle} must be >= 0 degrees.")

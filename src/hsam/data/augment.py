@@ -1,6 +1,6 @@
 """Training augmentation of 2-D slices: geometric (rotation, scaling, elastic deformation,
 optionally rot90, or rot90 and flip) and optional intensity (bias field, contrast/brightness,
-gamma).
+gamma, histogram shift).
 
 The rotation, scaling and elastic transforms are composed into ONE backward coordinate map
 (output pixel -> input position), so each sample is resampled once. The image is interpolated
@@ -33,6 +33,12 @@ the coordinate map:
   ``m`` the slice mean, ``a`` uniform in ``contrast_range``, ``b`` uniform in
   ``brightness_range``.
 * ``gamma`` (nnU-Net gamma): ``clip(x, 0, 1) ** g`` with ``g`` log-uniform in ``gamma_range``.
+* ``histogram_shift`` (as MONAI's ``RandHistogramShift``): ``x`` through a random monotone
+  piecewise-linear curve from (0, 0) to (1, 1) whose ``histogram_shift_points`` interior knots,
+  evenly spaced in ``x``, each move up or down by up to ``histogram_shift_max`` (then sorted,
+  so the curve stays monotone). Unlike contrast and gamma it can darken the middle of the
+  range while the brightest voxels stay at the top: an LA blood pool at 0.45 under a bright
+  tail, as the dimmest LA scans look after percentile scaling.
 
 The intensity ops assume images in the model's ``[0, 1]`` range (see :mod:`hsam.intensity`) and
 keep them there; they never touch the label.
@@ -63,7 +69,7 @@ __all__ = ["Augmenter", "AUGMENT_OPS", "EXTRA_OPS"]
 #: Names of the transforms, in the order they are composed (rotate, then scale, then elastic).
 AUGMENT_OPS = ("rotate", "scale", "elastic")
 #: Names of the optional extras (default off), in the order they follow the coordinate map.
-EXTRA_OPS = ("flip_rot90", "rot90", "bias_field", "contrast", "gamma")
+EXTRA_OPS = ("flip_rot90", "rot90", "bias_field", "contrast", "gamma", "histogram_shift")
 
 
 def _check_probability(name: str, p: float) -> None:
@@ -92,6 +98,16 @@ def _bias_field(
         for j in range(order + 1 - i):
             log_field += rng.uniform(-coefficient, coefficient) * y**i * x**j
     return np.exp(log_field)
+
+
+def _histogram_shift(
+    image: np.ndarray, points: int, max_shift: float, rng: np.random.Generator
+) -> np.ndarray:
+    """`image` in [0, 1] through a random monotone piecewise-linear curve (module doc)."""
+    knots = np.linspace(0.0, 1.0, points + 2)
+    moved = knots.copy()
+    moved[1:-1] = np.clip(knots[1:-1] + rng.uniform(-max_shift, max_shift, points), 0.0, 1.0)
+    return np.interp(np.clip(image, 0.0, 1.0), knots, np.sort(moved)).astype(np.float32)
 
 
 def _turn(
@@ -151,6 +167,10 @@ class Augmenter:
             (nnU-Net). Default 0.
         gamma_range: ``(low, high)`` gamma exponents, ``0 < low <= high``; ``g < 1`` brightens,
             ``g > 1`` darkens. Default ``(0.5, 2.0)``.
+        p_histogram_shift: probability of the random monotone intensity curve of the module
+            docstring. Default 0.
+        histogram_shift_points: its interior knots, ``>= 1``. Default 3.
+        histogram_shift_max: how far each knot moves, in ``[0, 1]``. Default 0.3.
 
     Image fill outside the slice is the slice minimum (background for CT windows and MR);
     label fill is 0. After each call :attr:`last_applied` names the transforms used, in the
@@ -180,6 +200,9 @@ class Augmenter:
         brightness_range: Sequence[float] = (-0.15, 0.15),
         p_gamma: float = 0.0,
         gamma_range: Sequence[float] = (0.5, 2.0),
+        p_histogram_shift: float = 0.0,
+        histogram_shift_points: int = 3,
+        histogram_shift_max: float = 0.3,
     ) -> None:
         for name, p in (
             ("p_rotate", p_rotate),
@@ -190,6 +213,7 @@ class Augmenter:
             ("p_bias_field", p_bias_field),
             ("p_contrast", p_contrast),
             ("p_gamma", p_gamma),
+            ("p_histogram_shift", p_histogram_shift),
         ):
             _check_probability(name, p)
         c_lo, c_hi = _check_pair("contrast_range", contrast_range)
@@ -211,6 +235,14 @@ class Augmenter:
         if int(bias_field_order) != bias_field_order or bias_field_order < 1:
             raise ConfigError(
                 f"augment bias_field_order={bias_field_order} must be an integer >= 1."
+            )
+        if int(histogram_shift_points) != histogram_shift_points or histogram_shift_points < 1:
+            raise ConfigError(
+                f"augment histogram_shift_points={histogram_shift_points} must be an integer >= 1."
+            )
+        if not 0.0 <= histogram_shift_max <= 1.0:
+            raise ConfigError(
+                f"augment histogram_shift_max={histogram_shift_max} must lie in [0, 1]."
             )
         if mode not in ("independent", "one_of"):
             raise ConfigError(f"augment mode {mode!r} must be 'independent' or 'one_of'.")
@@ -248,6 +280,9 @@ class Augmenter:
         self.brightness_range = (b_lo, b_hi)
         self.p_gamma = float(p_gamma)
         self.gamma_range = (g_lo, g_hi)
+        self.p_histogram_shift = float(p_histogram_shift)
+        self.histogram_shift_points = int(histogram_shift_points)
+        self.histogram_shift_max = float(histogram_shift_max)
         self.last_applied: tuple[str, ...] = ()
 
     def reseed(self, seed: int | np.random.Generator) -> None:
@@ -322,6 +357,11 @@ class Augmenter:
             g = math.exp(rng.uniform(math.log(lo), math.log(hi)))
             image = np.power(np.clip(image, 0.0, 1.0), g).astype(np.float32, copy=False)
             extras.append("gamma")
+        if self.p_histogram_shift > 0 and rng.random() < self.p_histogram_shift:
+            image = _histogram_shift(
+                image, self.histogram_shift_points, self.histogram_shift_max, rng
+            )
+            extras.append("histogram_shift")
         self.last_applied = ops + tuple(extras)
         return image, label
 

@@ -73,6 +73,9 @@ def _augmenter(cfg: TrainConfig) -> Augmenter | None:
         brightness_range=tuple(aug.brightness_range),
         p_gamma=aug.p_gamma,
         gamma_range=tuple(aug.gamma_range),
+        p_histogram_shift=aug.p_histogram_shift,
+        histogram_shift_points=aug.histogram_shift_points,
+        histogram_shift_max=aug.histogram_shift_max,
     )
 
 
