@@ -162,12 +162,16 @@ def test_ground_truth_survives_the_trip_to_s_and_back(dataset, resize):
     assert np.mean(scores) >= 0.995
 
 
-# pad: ACDC frames are not square, so the aspect-keeping path is exercised end to end;
-# stretch carries recipe inference defaults, which validation and evaluate both apply.
+# pad: ACDC frames are not square, so the aspect-keeping path is exercised end to end, on
+# raw predictions; stretch carries inference defaults (the recipe's largest component and a
+# slice smoothing), which validation and evaluate both apply.
 RECIPE_INFERENCE = ["inference.slice_smoothing=1", "inference.postprocess=largest_component"]
+RAW_INFERENCE = ["inference.slice_smoothing=0", "inference.postprocess=none"]
 
 
-@pytest.mark.parametrize("resize,inference", [("stretch", RECIPE_INFERENCE), ("pad", [])])
+@pytest.mark.parametrize(
+    "resize,inference", [("stretch", RECIPE_INFERENCE), ("pad", RAW_INFERENCE)]
+)
 def test_validation_dice_equals_evaluate_of_the_saved_checkpoint(tmp_path, resize, inference):
     _need("acdc")
     cfg = load_run_config(
