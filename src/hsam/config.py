@@ -380,7 +380,8 @@ class AugmentConfig:
     # Gamma g, log-uniform in [low, high], 0 < low (nnU-Net: [0.7, 1.5]); g > 1 darkens.
     gamma_range: list[float] = dataclasses.field(default_factory=lambda: [0.5, 2.0])
     # Probability of x through a random monotone piecewise-linear curve from (0, 0) to (1, 1)
-    # (MONAI RandHistogramShift): it can darken mid-range tissue under a bright top.
+    # (as ANTs histogramWarpImageIntensities, MONAI RandHistogramShift): it can darken
+    # mid-range tissue under a bright top.
     p_histogram_shift: float = 0.0
     # Interior knots of that curve, evenly spaced in x, an integer >= 1.
     histogram_shift_points: int = 3

@@ -33,7 +33,8 @@ the coordinate map:
   ``m`` the slice mean, ``a`` uniform in ``contrast_range``, ``b`` uniform in
   ``brightness_range``.
 * ``gamma`` (nnU-Net gamma): ``clip(x, 0, 1) ** g`` with ``g`` log-uniform in ``gamma_range``.
-* ``histogram_shift`` (as MONAI's ``RandHistogramShift``): ``x`` through a random monotone
+* ``histogram_shift`` (like ANTs' ``histogramWarpImageIntensities``, break points 0.25 / 0.5 /
+  0.75 by default in both, and MONAI's ``RandHistogramShift``): ``x`` through a random monotone
   piecewise-linear curve from (0, 0) to (1, 1) whose ``histogram_shift_points`` interior knots,
   evenly spaced in ``x``, each move up or down by up to ``histogram_shift_max`` (then sorted,
   so the curve stays monotone). Unlike contrast and gamma it can darken the middle of the
