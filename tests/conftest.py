@@ -4,9 +4,11 @@ the shared-data folder, tiny SAM and H-SAM checkpoints, synthetic volumes and da
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import math
 import os
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -30,6 +32,18 @@ from hsam.config import DataConfig, ModelConfig, TrainConfig, to_dict
 from hsam.io.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` (a script, not a package) as module `name`; yields it
+    and forgets it afterwards (for a module-scoped fixture). It sits in ``sys.modules`` while
+    loaded because dataclasses resolve annotations through it."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(name, None)
 
 
 def shared_data_dir() -> Path:

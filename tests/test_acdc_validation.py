@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 
@@ -10,18 +9,14 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import REPO, make_checkpoint
+from conftest import load_benchmark, make_checkpoint
 from hsam.evaluation.scoring import evaluate_cases
 from hsam.inference.predictor import Predictor
 
 
 @pytest.fixture(scope="module")
 def acdc_validation():
-    path = REPO / "benchmarks" / "acdc_validation.py"
-    spec = importlib.util.spec_from_file_location("acdc_validation", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    yield from load_benchmark("acdc_validation")
 
 
 def _acdc_slices(root: Path, patients: list[str], shape: tuple[int, int]) -> None:

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_model", REPO / "benchmarks" / "bench_model.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_model"] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("bench_model", None)
+    yield from load_benchmark("bench_model")
 
 
 def _result(bench, median_s, *, compile_s=None, flops=None, **job):

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import h5py
@@ -13,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, ellipsoid_label, write_nnunet_dataset
+from conftest import ellipsoid_label, load_benchmark, write_nnunet_dataset
 from hsam.config import AugmentConfig, InferenceConfig, ModelConfig
 from hsam.data import read_dataset
 from hsam.engine.data import prepare_case
@@ -25,12 +23,7 @@ from hsam.io.checkpoint import load_checkpoint
 
 @pytest.fixture(scope="module")
 def fewshot():
-    spec = importlib.util.spec_from_file_location("fewshot", REPO / "benchmarks" / "fewshot.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fewshot"] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("fewshot", None)
+    yield from load_benchmark("fewshot")
 
 
 def test_table4_configurations_switch_the_right_components(fewshot):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 
 import numpy as np
 import pytest
 
-from conftest import REPO, make_checkpoint, write_nnunet_dataset
+from conftest import load_benchmark, make_checkpoint, write_nnunet_dataset
 from hsam.data import read_dataset
 from hsam.evaluation.scoring import evaluate_cases
 from hsam.inference.predictor import Predictor
@@ -16,11 +15,7 @@ from hsam.inference.predictor import Predictor
 
 @pytest.fixture(scope="module")
 def intensity_shift():
-    path = REPO / "benchmarks" / "intensity_shift.py"
-    spec = importlib.util.spec_from_file_location("intensity_shift", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    yield from load_benchmark("intensity_shift")
 
 
 def test_knee_darkens_the_middle_and_keeps_the_top(intensity_shift):
