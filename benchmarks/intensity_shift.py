@@ -11,9 +11,10 @@ while the brightest voxels stay the brightest. That is how the two dimmest LA te
 after percentile scaling (blood pool 0.42 and 0.47, against 0.61-0.83 in the training scans;
 ``benchmarks/blood_pool_intensity.py``). A factor of 1 is the volume as ``hsam evaluate`` sees it.
 Gamma and contrast augmentation do not produce this curve; ``train.augment.p_histogram_shift``
-does. Prints, per case and factor: the median model-range intensity inside the label, the mean
-Dice over classes (legacy policy, the checkpoint's inference defaults unless overridden) and
-predicted / labelled foreground voxels.
+does. ``--gammas`` adds ``x -> x ** g`` variants for comparison (what gamma augmentation shows
+the model). Prints, per case and variant: the median model-range intensity inside the label,
+the mean Dice over classes (legacy policy, the checkpoint's inference defaults unless
+overridden) and predicted / labelled foreground voxels.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", nargs="+", required=True)
     parser.add_argument("--factors", nargs="+", type=float, default=[1.0, 0.6, 0.5])
     parser.add_argument("--knee", type=float, default=0.85)
+    parser.add_argument("--gammas", nargs="*", type=float, default=[])
     parser.add_argument("--slice-smoothing", type=float, default=None)
     parser.add_argument("--postprocess", choices=POSTPROCESS_CHOICES, default=None)
     args = parser.parse_args(argv)
@@ -64,15 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     for case in read_dataset(args.format, args.root, args.cases):
         image = loaded.to_model_range(case.image, already=case.intensity)
         foreground = case.label > 0
-        for factor in args.factors:
-            shifted = replace(case, image=knee(image, factor, args.knee), intensity="none")
+        variants = {f"factor {f:g}": knee(image, f, args.knee) for f in args.factors}
+        variants |= {f"gamma {g:g}": np.power(image, g, dtype=np.float32) for g in args.gammas}
+        for name, variant in variants.items():
+            shifted = replace(case, image=variant, intensity="none")
             (evaluation,) = evaluate_cases(predictor, [shifted], metrics="dice")
             score = evaluation.scores[0]
             predicted = int((score.labels > 0).sum())
             logger.info(
-                "%s factor %g: labelled median %.2f, Dice %.2f, predicted/labelled %.2f",
+                "%s %s: labelled median %.2f, Dice %.2f, predicted/labelled %.2f",
                 case.case_id,
-                factor,
+                name,
                 float(np.median(shifted.image[foreground])),
                 100 * float(np.mean(score.dice)),
                 predicted / max(int(foreground.sum()), 1),

@@ -34,9 +34,11 @@ def test_factor_one_scores_what_evaluate_scores(tmp_path, intensity_shift, caplo
     ckpt = make_checkpoint(tmp_path / "bright.pt")
     argv = [str(ckpt), "--format", "nnunet", "--root", str(root), "--cases", "case0"]
     with caplog.at_level(logging.INFO, logger="intensity_shift"):
-        assert intensity_shift.main([*argv, "--factors", "1", "0.3"]) == 0
+        assert intensity_shift.main([*argv, "--factors", "1", "0.3", "--gammas", "1"]) == 0
     lines = [r.getMessage() for r in caplog.records if r.name == "intensity_shift"]
-    assert [line.split(":")[0] for line in lines] == ["case0 factor 1", "case0 factor 0.3"]
+    names = [line.split(":")[0] for line in lines]
+    assert names == ["case0 factor 1", "case0 factor 0.3", "case0 gamma 1"]
+    assert lines[2].split(":")[1] == lines[0].split(":")[1]  # gamma 1 is the volume itself
     (case,) = read_dataset("nnunet", root, ["case0"])
     (evaluation,) = evaluate_cases(
         Predictor.from_checkpoint(ckpt, device="cpu", precision="auto"), [case], metrics="dice"
