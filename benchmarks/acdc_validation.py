@@ -7,7 +7,7 @@ the test list. This is how the README's ACDC recipe choices were measured, e.g.
     python benchmarks/acdc_validation.py runs/a/checkpoints/final.pt runs/b/checkpoints/final.pt
 
 prints, per checkpoint, the mean Dice of RV/Myo/LV for stage 1, stage 2 and the fused output
-(`--stages`), without and with flip test-time augmentation (`--tta none flip`) and
+(`--stages`), without and with test-time augmentation (`--tta none flip rot90`) and
 post-processing (`--postprocess none largest_component`), and each class's mean over the
 frames.
 """
@@ -28,7 +28,7 @@ from hsam.errors import ConfigError
 from hsam.evaluation.scoring import evaluate_cases
 from hsam.inference.postprocess import POSTPROCESS_CHOICES
 from hsam.inference.predictor import Predictor
-from hsam.inference.slicewise import TTA_FLIPS
+from hsam.inference.slicewise import TTA_TRANSFORMS
 
 logger = logging.getLogger("acdc_validation")
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labelled-lines", type=int, default=136, help="ACDC 10%%: 136")
     parser.add_argument("--every", type=int, default=6, help="every N-th unlabelled patient")
     parser.add_argument("--stages", nargs="+", default=["1", "2", "fused"])
-    parser.add_argument("--tta", nargs="+", default=["none"], choices=tuple(TTA_FLIPS))
+    parser.add_argument("--tta", nargs="+", default=["none"], choices=tuple(TTA_TRANSFORMS))
     parser.add_argument(
         "--postprocess",
         nargs="+",

@@ -204,6 +204,8 @@ def _evaluation_key(
     }
     if slice_smoothing:  # absent for the raw predictions, as in evaluations stored before
         key["slice_smoothing"] = slice_smoothing
+    if protocol.inference.tta != "none":  # absent without it, as in evaluations stored before
+        key["tta"] = protocol.inference.tta
     return key
 
 
@@ -275,6 +277,7 @@ def _evaluate(
                 precision=protocol.train.precision,
                 postprocess="none",  # the raw labels; evaluate_cases scores each method
                 slice_smoothing=0.0,  # not the recipe's default: each table says its own
+                tta=protocol.inference.tta,  # part of how the recipe's models predict: every table
             )
         predictors.append(by_checkpoint[path].with_settings(slice_smoothing=sigma))
     cases = (read_dataset(protocol.data.format, protocol.data.root, [i])[0] for i in test_ids)
@@ -561,6 +564,13 @@ def _inference_note(inference: InferenceConfig, sigma: float) -> str:
     """Which table holds what `hsam predict` gives the recipe's checkpoints by default (its
     config's `inference`); `sigma`: this call's --slice-smoothing."""
     note = "- inference: the main table scores the raw predictions"
+    if inference.tta != "none":
+        turns = "four quarter turns" if inference.tta == "rot90" else "four flips"
+        note = (
+            f"- inference: every table averages the probabilities over the {turns} of each "
+            f"slice (the recipe's `inference.tta: {inference.tta}`); the main table scores "
+            "the predictions without post-processing"
+        )
     smoothing, lcc = inference.slice_smoothing, inference.postprocess == "largest_component"
     if not smoothing and not lcc:
         return note + ", as the recipe's checkpoints predict by default."

@@ -175,30 +175,40 @@ def test_predictor_refuses_bad_settings(workspace):
 def test_a_checkpoint_predicts_with_its_recipes_inference_defaults(workspace, tmp_path, caplog):
     """The run config's `inference` section is what from_checkpoint applies unless told
     otherwise; a checkpoint without one (written before it existed) predicts as before."""
-    recipe = {"slice_smoothing": 1.5, "postprocess": "largest_component"}
+    recipe = {"slice_smoothing": 1.5, "postprocess": "largest_component", "tta": "rot90"}
     path = _write_checkpoint(tmp_path / "recipe.pt", seed=9, inference=recipe)
     with caplog.at_level(logging.INFO, logger="hsam.inference.predictor"):
         predictor = Predictor.from_checkpoint(path, device="cpu", batch_size=4)
-    assert (predictor.slice_smoothing, predictor.postprocess) == (1.5, "largest_component")
-    assert "post-processing largest_component, slice smoothing 1.5" in caplog.text
+    settings = (predictor.slice_smoothing, predictor.postprocess, predictor.tta)
+    assert settings == (1.5, "largest_component", "rot90")
+    assert (
+        "post-processing largest_component, test-time augmentation rot90, slice smoothing 1.5"
+        in caplog.text
+    )
     volume = np.random.default_rng(4).normal(50, 20, (6, 40, 48)).astype(np.float32)
     image = to_model_range(volume, POLICY)
-    smoothed, _ = predict_volume(predictor.model, image, batch_size=4, slice_smoothing=1.5)
+    smoothed, _ = predict_volume(
+        predictor.model, image, batch_size=4, slice_smoothing=1.5, tta="rot90"
+    )
     assert np.array_equal(predictor(volume), keep_largest_component(smoothed, 1))
     raw, _ = predict_volume(predictor.model, image, batch_size=4)
     assert not np.array_equal(raw, smoothed)
-    told = Predictor.from_checkpoint(path, device="cpu", postprocess="none", slice_smoothing=0)
-    assert (told.slice_smoothing, told.postprocess) == (0.0, "none")
-    # hsam predict / evaluate without --slice-smoothing / --postprocess: the same defaults
+    told = Predictor.from_checkpoint(
+        path, device="cpu", postprocess="none", slice_smoothing=0, tta="none"
+    )
+    assert (told.slice_smoothing, told.postprocess, told.tta) == (0.0, "none", "none")
+    # hsam predict / evaluate without --slice-smoothing / --postprocess / --tta: the defaults
     cli = InferenceOptions().load(path, device="cpu")
-    assert (cli.slice_smoothing, cli.postprocess) == (1.5, "largest_component")
+    assert (cli.slice_smoothing, cli.postprocess, cli.tta) == (1.5, "largest_component", "rot90")
     assert np.array_equal(told(volume), raw)
     old = Predictor.from_checkpoint(workspace / "runs" / "mine" / "checkpoints" / "best.pt")
-    assert (old.slice_smoothing, old.postprocess) == (0.0, "none")
+    assert (old.slice_smoothing, old.postprocess, old.tta) == (0.0, "none", "none")
     bad = _write_checkpoint(tmp_path / "bad.pt", inference={"slice_smoothing": -1})
     with pytest.raises(CheckpointError, match="inference defaults hsam cannot use .*-1"):
         Predictor.from_checkpoint(bad, device="cpu")
-    chosen = Predictor.from_checkpoint(bad, device="cpu", postprocess="none", slice_smoothing=2)
+    chosen = Predictor.from_checkpoint(
+        bad, device="cpu", postprocess="none", slice_smoothing=2, tta="none"
+    )
     assert chosen.slice_smoothing == 2.0
 
 
@@ -249,6 +259,32 @@ def test_flip_tta_makes_the_prediction_mirror_with_the_input():
     assert not np.array_equal(flipped.probabilities, probs("none", volume))
 
 
+def test_rot90_tta_makes_the_prediction_turn_with_the_input():
+    """Averaged over the four quarter turns, a square slice turned by a quarter gets the
+    turned probabilities (not so without TTA); the shared-prefix path gives the same labels."""
+    model = _tiny_model(4).model
+    volume = np.random.default_rng(5).normal(0, 1, (3, 48, 48)).astype(np.float32)
+    turned = np.ascontiguousarray(np.rot90(volume, 1, axes=(1, 2)))
+
+    def probs(tta: str, v: np.ndarray) -> np.ndarray:
+        predictor = Predictor(model=model, intensity_policy=POLICY, tta=tta)
+        return predictor.predict(v, return_probabilities=True).probabilities
+
+    assert not np.allclose(probs("none", turned), np.rot90(probs("none", volume), 1, (2, 3)))
+    np.testing.assert_allclose(
+        probs("rot90", turned), np.rot90(probs("rot90", volume), 1, (2, 3)), atol=1e-5
+    )
+    rot90 = Predictor(model=model, intensity_policy=POLICY, tta="rot90")
+    other = Predictor(
+        model=_tiny_model(6, stages=1, backbone_seed=4).model, intensity_policy=POLICY, tta="rot90"
+    )
+    assert shared_prefix_groups([rot90, other]) == [[0, 1]]
+    for predictor, prediction in zip(
+        (rot90, other), predict_shared([rot90, other], volume), strict=True
+    ):
+        assert np.array_equal(prediction.labels, predictor(volume))
+
+
 def test_flip_tta_with_a_shared_prefix_equals_each_predictor_alone():
     models = [_tiny_model(5).model, _tiny_model(6, stages=1, backbone_seed=5).model]
     predictors = [Predictor(model=m, intensity_policy=POLICY, tta="flip") for m in models]
@@ -259,8 +295,8 @@ def test_flip_tta_with_a_shared_prefix_equals_each_predictor_alone():
         assert np.array_equal(prediction.labels, predictor(volume))
     with pytest.raises(ConfigError, match="needs the slices"):
         predictors[0].predict_from_prefix(torch.zeros(1, 8, 4, 4), (36, 44))
-    with pytest.raises(ConfigError, match="test-time augmentation 'rot90'"):
-        Predictor(model=models[0], intensity_policy=None, tta="rot90")
+    with pytest.raises(ConfigError, match="test-time augmentation 'rot45'"):
+        Predictor(model=models[0], intensity_policy=None, tta="rot45")
 
 
 def test_slice_smoothing_averages_probabilities_across_slices():

@@ -79,7 +79,11 @@ def test_config_differences_name_what_a_run_was_trained_with():
     # Not part of what is trained: the test list, the device and the inference defaults.
     moved = config("data.test_list=b.list", "train.device=cpu")
     assert config_differences(stored, moved) == []
-    recipe = config("inference.slice_smoothing=2", "inference.postprocess=largest_component")
+    recipe = config(
+        "inference.slice_smoothing=2",
+        "inference.postprocess=largest_component",
+        "inference.tta=rot90",
+    )
     assert config_differences(stored, recipe) == []
     before_inference = {k: v for k, v in stored.items() if k != "inference"}
     assert config_differences(before_inference, recipe) == []

@@ -126,6 +126,10 @@ def test_inference_note_points_at_the_table_of_the_recipes_defaults(fewshot):
     lcc = InferenceConfig(postprocess="largest_component")
     assert note(lcc, 0.0).endswith(": the largest-connected-component table below.")
     assert note(InferenceConfig(slice_smoothing=1), 1.0).endswith("slice-smoothing table below.")
+    turned = note(InferenceConfig(postprocess="largest_component", tta="rot90"), 0.0)
+    assert turned.startswith("- inference: every table averages the probabilities over the four")
+    assert "`inference.tta: rot90`" in turned
+    assert turned.endswith(": the largest-connected-component table below.")
 
 
 def test_augmentation_note_names_each_enabled_extra(fewshot):
@@ -306,6 +310,22 @@ def test_fewshot_end_to_end_on_a_tiny_protocol(tmp_path, fewshot):
     )
     legacy = summary["none"]["policies"]["legacy"]["mean"]["dice"]["mean"]
     assert legacy == pytest.approx(smoothed_scores[0], abs=1e-6)
+
+    # The recipe's test-time augmentation is how its models predict, in every table: the
+    # runs are reused and evaluated afresh with it, scored as predict_volume's TTA labels.
+    assert fewshot.main([*argv, "--set", "inference.tta=rot90"]) == 0
+    assert json.loads(evaluation.read_text())["key"]["tta"] == "rot90"
+    section = results.read_text(encoding="utf-8").split("<!-- fewshot:tiny -->", 1)[1]
+    assert "every table averages the probabilities over the four quarter turns" in section
+    turned = []
+    for case in read_dataset("nnunet", tmp_path / "data", ["case3", "case4"]):
+        case = prepare_case(case, loaded.meta["intensity_policy"])
+        pred, _ = predict_volume(model, case.image, batch_size=8, tta="rot90")
+        turned.append(dice(pred == 1, case.label == 1, "legacy"))
+    out = json.loads((tmp_path / "runs" / "results.json").read_text())
+    reported = next(s for s in out["scores"] if (s["seed"], s["name"]) == (1, "hsam"))
+    assert reported["dice"] == pytest.approx(100 * np.mean(turned), abs=1e-6)
+    assert turned != scores
 
 
 def _samed_argv(protocol: Path, tmp_path: Path, seed: int = 0) -> list[str]:

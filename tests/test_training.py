@@ -429,6 +429,15 @@ def test_cached_validation_reuses_volume_prefix_and_matches(tmp_path):
     with_recipe = validation_dice(model, data.val_cases, 2, cache=cache, inference=recipe)
     assert with_recipe == pytest.approx(np.mean(expected), abs=1e-12)
     assert with_recipe != pytest.approx(plain)
+    # Test-time augmentation transforms the slices, so their prefix is not the cached one.
+    turned = InferenceConfig(tta="rot90")
+    expected = []
+    for case in data.val_cases:
+        labels, _ = predict_volume(model, case.image, batch_size=2, tta="rot90")
+        expected.append(dice(labels == 1, case.label == 1, "legacy"))
+    with_tta = validation_dice(model, data.val_cases, 2, cache=cache, inference=turned)
+    assert with_tta == pytest.approx(np.mean(expected), abs=1e-12)
+    assert with_tta != pytest.approx(plain)
     assert set(cache.volumes) == {c.case_id for c in data.val_cases}
     features = next(iter(cache.volumes.values()))
     validation_dice(model, data.val_cases, 2, cache=cache)  # second use: no recompute

@@ -53,6 +53,8 @@ Stage2Init = Literal["random", "stage1"]
 LoRALayers = Literal["qv", "all_linear"]
 # Post-processings of predicted labels (hsam.inference.postprocess).
 Postprocess = Literal["none", "largest_component"]
+# Test-time augmentations (hsam.inference.slicewise.TTA_TRANSFORMS).
+TestTimeAugmentation = Literal["none", "flip", "rot90"]
 
 
 @dataclass
@@ -527,6 +529,9 @@ class InferenceConfig:
     slice_smoothing: float = 0.0
     # "largest_component": each class keeps its largest 3-D connected component.
     postprocess: Postprocess = "none"
+    # Probabilities averaged over transformed slices: "flip" (the four mirrorings) or "rot90"
+    # (the four quarter turns), for models trained with those transforms.
+    tta: TestTimeAugmentation = "none"
 
     def __post_init__(self) -> None:
         _at_least("inference.slice_smoothing", self.slice_smoothing, 0)
@@ -550,7 +555,13 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> R
 # Fields that do not change what a run trains: where it is evaluated, on which device and
 # how its checkpoints predict by default.
 _NOT_TRAINING = frozenset(
-    {"data.test_list", "train.device", "inference.slice_smoothing", "inference.postprocess"}
+    {
+        "data.test_list",
+        "train.device",
+        "inference.slice_smoothing",
+        "inference.postprocess",
+        "inference.tta",
+    }
 )
 # Fields a run fills in when the config leaves them unresolved (this value): the class noise
 # levels and the precision "auto" (resolved for the run's hardware).

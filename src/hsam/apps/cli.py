@@ -12,7 +12,7 @@ from hsam.config import ModelConfig
 from hsam.devices import PRECISIONS, configure_cpu_allocator
 from hsam.errors import HSAMError
 from hsam.inference.postprocess import POSTPROCESS_CHOICES
-from hsam.inference.slicewise import TTA_FLIPS
+from hsam.inference.slicewise import TTA_TRANSFORMS
 from hsam.inference.volume_check import DEFAULT_FACTOR
 
 logger = logging.getLogger("hsam")
@@ -186,11 +186,12 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--tta",
-        choices=tuple(TTA_FLIPS),
-        default="none",
+        choices=tuple(TTA_TRANSFORMS),
         help="test-time augmentation: flip averages the probabilities over the identity, "
-        "left-right, up-down and both flips of each slice (4x slower; for models trained with "
-        "flips: it lowered Dice on ACDC for one trained without; default none)",
+        "left-right, up-down and both flips of each slice, rot90 over its four quarter turns "
+        "(4x slower; for models trained with those transforms: flip lowered Dice on ACDC for "
+        "one trained without; default: the checkpoint's recipe, config inference.tta; none "
+        "where it has none)",
     )
     parser.add_argument(
         "--slice-smoothing",

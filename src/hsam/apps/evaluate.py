@@ -262,7 +262,7 @@ def evaluate_checkpoint(
     progress: bool = True,
     volume_factor: float | None = DEFAULT_FACTOR,
     postprocess: str | None = None,
-    tta: str = "none",
+    tta: str | None = None,
     slice_smoothing: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on a labelled split and write the reports into ``out_dir``.
@@ -290,12 +290,14 @@ def evaluate_checkpoint(
             range; None or 0 turns it off. Checkpoints without the range are not checked.
         postprocess: ``"none"`` or ``"largest_component"`` (:mod:`hsam.inference.postprocess`),
             applied to each predicted volume before it is scored (and saved).
-        tta: test-time augmentation, ``"none"`` or ``"flip"`` (probabilities averaged over
-            the identity, left-right, up-down and both flips of each slice; 4x the compute).
+        tta: test-time augmentation, ``"none"``, ``"flip"`` (probabilities averaged over
+            the identity, left-right, up-down and both flips of each slice) or ``"rot90"``
+            (over its four quarter turns); 4x the compute.
         slice_smoothing: sigma, in slices, of a Gaussian averaging the class probabilities
             across neighbouring slices before the argmax (0: off; for thin slices, e.g. LA).
-            ``postprocess`` and ``slice_smoothing`` left None take the checkpoint's recipe
-            defaults (its run config's ``inference`` section; none and 0 without one).
+            ``postprocess``, ``tta`` and ``slice_smoothing`` left None take the checkpoint's
+            recipe defaults (its run config's ``inference`` section; none, none and 0 without
+            one).
 
     Returns:
         The summary written to ``summary.json`` (:func:`hsam.evaluation.reports.summarize`'s

@@ -285,7 +285,7 @@ def predict_files(
     progress: bool = True,
     volume_factor: float | None = DEFAULT_FACTOR,
     postprocess: str | None = None,
-    tta: str = "none",
+    tta: str | None = None,
     slice_smoothing: float | None = None,
 ) -> list[Path]:
     """Segment volume files with ``checkpoint`` and write label maps on the inputs' grids.
@@ -317,12 +317,14 @@ def predict_files(
         postprocess: ``"none"`` or ``"largest_component"`` (each class keeps its largest 3-D
             connected component; :mod:`hsam.inference.postprocess`). Applied to the labels only (the
             probabilities are the model's).
-        tta: test-time augmentation, ``"none"`` or ``"flip"`` (probabilities averaged over
-            the identity, left-right, up-down and both flips of each slice; 4x the compute).
+        tta: test-time augmentation, ``"none"``, ``"flip"`` (probabilities averaged over
+            the identity, left-right, up-down and both flips of each slice) or ``"rot90"``
+            (over its four quarter turns); 4x the compute.
         slice_smoothing: sigma, in slices, of a Gaussian averaging the class probabilities
             across neighbouring slices before the argmax (0: off; for thin slices, e.g. LA).
-            ``postprocess`` and ``slice_smoothing`` left None take the checkpoint's recipe
-            defaults (its run config's ``inference`` section; none and 0 without one).
+            ``postprocess``, ``tta`` and ``slice_smoothing`` left None take the checkpoint's
+            recipe defaults (its run config's ``inference`` section; none, none and 0 without
+            one).
 
     Returns:
         The files written, per input: label map, then probabilities and overlay if asked.

@@ -89,9 +89,10 @@ def validation_dice(
     """Mean over cases and classes of the 3-D Dice (legacy policy) on the validation cases
     (images already in [0, 1]), scored by :func:`hsam.evaluation.scoring.evaluate_cases`.
 
-    With `cache`, the frozen encoder prefix of each volume is computed once and reused.
-    `inference`: the recipe's inference defaults (slice smoothing, post-processing), as
-    ``hsam evaluate`` applies them to the run's checkpoints."""
+    With `cache`, the frozen encoder prefix of each volume is computed once and reused (not
+    with test-time augmentation, whose transformed slices need their own prefix).
+    `inference`: the recipe's inference defaults (slice smoothing, post-processing, test-time
+    augmentation), as ``hsam evaluate`` applies them to the run's checkpoints."""
     inference = inference or InferenceConfig()
     predictor = Predictor(
         model=model,
@@ -99,8 +100,11 @@ def validation_dice(
         batch_size=batch_size,
         precision=precision,
         postprocess=inference.postprocess,
+        tta=inference.tta,
         slice_smoothing=inference.slice_smoothing,
     )
+    if inference.tta != "none":
+        cache = None
     evaluations = evaluate_cases(predictor, cases, metrics="dice", prefix_cache=cache)
     return float(np.mean([d for e in evaluations for d in e.scores[0].dice]))
 

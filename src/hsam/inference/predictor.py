@@ -39,7 +39,7 @@ from hsam.devices import PRECISIONS, resolve_device, resolve_precision
 from hsam.errors import CheckpointError, ConfigError, DataError
 from hsam.inference.postprocess import POSTPROCESS_CHOICES, postprocess_labels
 from hsam.inference.slicewise import (
-    TTA_FLIPS,
+    TTA_TRANSFORMS,
     Precision,
     Stage,
     TestTimeAugmentation,
@@ -98,10 +98,11 @@ def check_precision(precision: str) -> str:
 
 
 def check_tta(tta: str) -> TestTimeAugmentation:
-    """`tta` if it names a test-time augmentation (``none``, ``flip``), else a ConfigError."""
-    if tta not in TTA_FLIPS:
+    """`tta` if it names a test-time augmentation (``none``, ``flip``, ``rot90``), else a
+    ConfigError."""
+    if tta not in TTA_TRANSFORMS:
         raise ConfigError(
-            f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA_FLIPS)}."
+            f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA_TRANSFORMS)}."
         )
     return tta  # type: ignore[return-value]
 
@@ -147,7 +148,8 @@ def checkpoint_inference_defaults(config: Mapping[str, Any], path: Any) -> Infer
         raise CheckpointError(
             f"checkpoint {path} records inference defaults hsam cannot use (its config's "
             f"'inference': {section!r}; edited, or written by another hsam version). Choose "
-            "them: --postprocess and --slice-smoothing (Python: postprocess=, slice_smoothing=)."
+            "them: --postprocess, --slice-smoothing and --tta (Python: postprocess=, "
+            "slice_smoothing=, tta=)."
         ) from None
 
 
@@ -186,7 +188,8 @@ class InferenceOptions:
     precision: str = "fp32"
     #: None: the checkpoint's default (its run config's ``inference`` section).
     postprocess: str | None = None
-    tta: str = "none"
+    #: None: the checkpoint's default (its run config's ``inference`` section).
+    tta: str | None = None
     #: None: the checkpoint's default (its run config's ``inference`` section).
     slice_smoothing: float | None = None
 
@@ -196,7 +199,8 @@ class InferenceOptions:
         check_precision(self.precision)
         if self.postprocess is not None:
             check_postprocess(self.postprocess)
-        check_tta(self.tta)
+        if self.tta is not None:
+            check_tta(self.tta)
         if self.slice_smoothing is not None:
             sigma = check_slice_smoothing_option(self.slice_smoothing)
             object.__setattr__(self, "slice_smoothing", sigma)
@@ -276,8 +280,10 @@ class Predictor:
             device has bf16 hardware, else fp32: :func:`hsam.devices.resolve_precision`).
           postprocess: ``"none"`` or ``"largest_component"`` (:mod:`hsam.inference.postprocess`),
             applied to the labels (the probabilities stay the model's).
-          tta: test-time augmentation: ``"none"`` or ``"flip"`` (probabilities averaged over
-            the identity, left-right, up-down and both flips of each slice; 4x the compute).
+          tta: test-time augmentation: ``"none"``, ``"flip"`` (probabilities averaged over
+            the identity, left-right, up-down and both flips of each slice) or ``"rot90"``
+            (over its four quarter turns); 4x the compute. For models trained with those
+            transforms (``train.augment.p_flip_rot90``, ``p_rot90``).
           slice_smoothing: sigma, in slices, of a Gaussian that averages the class
             probabilities across neighbouring slices before the argmax (0: off, each slice on
             its own). For thin, near-isotropic slices such as LA's 0.625 mm (README,
@@ -323,7 +329,7 @@ class Predictor:
         batch_size: int = 8,
         precision: str = "fp32",
         postprocess: str | None = None,
-        tta: str = "none",
+        tta: str | None = None,
         slice_smoothing: float | None = None,
     ) -> Predictor:
         """Load ``checkpoint`` (written by ``hsam train``) for inference on ``device``.
@@ -336,9 +342,9 @@ class Predictor:
             intensity_policy: override of ``meta["intensity_policy"]`` (e.g.
                 ``"ct_window[-125,275]"``); needed only for checkpoints that lack it.
             stage, batch_size, precision, postprocess, tta, slice_smoothing: as in the
-                constructor; stage 2 needs a two-stage model. ``postprocess`` and
+                constructor; stage 2 needs a two-stage model. ``postprocess``, ``tta`` and
                 ``slice_smoothing`` left None take the checkpoint's recipe defaults (its run
-                config's ``inference`` section; none and 0 for checkpoints without one).
+                config's ``inference`` section; none, none and 0 for checkpoints without one).
 
         Raises:
             CheckpointError: unreadable checkpoint, backbone mismatch, no intensity policy.
@@ -366,11 +372,14 @@ class Predictor:
             raise CheckpointError(f"checkpoint {checkpoint}: {exc}") from exc
         k = int(cfg.num_classes)
         chosen = []
-        if postprocess is None or slice_smoothing is None:
+        if postprocess is None or slice_smoothing is None or tta is None:
             recipe = checkpoint_inference_defaults(loaded.config, checkpoint)
         if postprocess is None:
             postprocess = recipe.postprocess
             chosen.append(f"post-processing {postprocess}")
+        if tta is None:
+            tta = recipe.tta
+            chosen.append(f"test-time augmentation {tta}")
         if slice_smoothing is None:
             slice_smoothing = recipe.slice_smoothing
             chosen.append(f"slice smoothing {slice_smoothing:g}")

@@ -11,19 +11,23 @@ import torch
 from scipy import ndimage
 from torch.nn import functional as F
 
-from hsam.config import InputResize
+from hsam.config import InputResize, TestTimeAugmentation
 from hsam.data.slices import fitted_extent
 from hsam.modeling.hsam import HSAM, HSAMOutput
 
 Stage = Literal["1", "2", "fused"]
 Precision = Literal["fp32", "bf16"]
-TestTimeAugmentation = Literal["none", "flip"]
+#: A test-time transform of a (B, C, S, S) batch: the dims it flips, then its quarter turns
+#: (counter-clockwise, in the last two dims).
+Transform = tuple[tuple[int, ...], int]
 
-#: The flips each test-time augmentation averages over (dims of a (B, C, H, W) batch); ``flip``
-#: is nnU-Net's 2-D mirroring: identity, left-right, up-down and both.
-TTA_FLIPS: dict[str, tuple[tuple[int, ...], ...]] = {
-    "none": ((),),
-    "flip": ((), (-1,), (-2,), (-2, -1)),
+#: The transforms each test-time augmentation averages over: ``flip`` is nnU-Net's 2-D
+#: mirroring (identity, left-right, up-down and both); ``rot90`` the four quarter turns, for
+#: models trained with them (``train.augment.p_rot90``).
+TTA_TRANSFORMS: dict[str, tuple[Transform, ...]] = {
+    "none": (((), 0),),
+    "flip": (((), 0), ((-1,), 0), ((-2,), 0), ((-2, -1), 0)),
+    "rot90": (((), 0), ((), 1), ((), 2), ((), 3)),
 }
 
 
@@ -40,7 +44,17 @@ def stage_probabilities(output: HSAMOutput, stage: Stage) -> torch.Tensor:
     return output.stage2_logits.softmax(1)
 
 
-def _flipped(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+def _transformed(x: torch.Tensor, transform: Transform) -> torch.Tensor:
+    dims, turns = transform
+    x = x.flip(dims) if dims else x
+    return torch.rot90(x, turns, dims=(-2, -1)) if turns else x
+
+
+def _restored(x: torch.Tensor, transform: Transform) -> torch.Tensor:
+    """`x` (e.g. probabilities of a transformed batch) mapped back: the inverse of
+    `_transformed`."""
+    dims, turns = transform
+    x = torch.rot90(x, -turns, dims=(-2, -1)) if turns else x
     return x.flip(dims) if dims else x
 
 
@@ -52,14 +66,15 @@ def tta_probabilities(
     tta: TestTimeAugmentation = "none",
 ) -> torch.Tensor:
     """(B, T, S, S) float32 probabilities of `stage` for input slices x (B, 1, S, S): the mean
-    over `tta`'s flips of ``forward(flipped x)``'s probabilities, each flipped back."""
-    flips = TTA_FLIPS[tta]
+    over `tta`'s transforms of ``forward(transformed x)``'s probabilities, each mapped back."""
+    transforms = TTA_TRANSFORMS[tta]
     total = None
-    for dims in flips:
-        probs = _flipped(stage_probabilities(forward(_flipped(x, dims)), stage).float(), dims)
+    for transform in transforms:
+        out = forward(_transformed(x, transform))
+        probs = _restored(stage_probabilities(out, stage).float(), transform)
         total = probs if total is None else total + probs
     assert total is not None
-    return total / len(flips)
+    return total / len(transforms)
 
 
 def check_slice_smoothing(sigma: float) -> float:
@@ -198,7 +213,7 @@ def predict_volume(
     """Segment a (D, H, W) volume in [0, 1] slice by slice (every slice, empty ones too).
 
     Slices are resized (bilinear) to the model's S, stretched or aspect-kept and padded as
-    `model.input_resize` says, and predicted in batches (averaged over `tta`'s flips); the
+    `model.input_resize` says, and predicted in batches (averaged over `tta`'s transforms); the
     class probabilities of the slice's region are resized back (bilinear) to (H, W),
     smoothed across slices when `slice_smoothing` (a sigma in slices) is above 0
     (:func:`smooth_across_slices`; the whole volume's probabilities are then held), and the
@@ -285,9 +300,9 @@ def predict_volume_shared_prefix(
 ) -> list[np.ndarray]:
     """Like `predict_volume` for several models that share their first `prefix_units` frozen
     encoder units (same backbone weights, LoRA only after them): the prefix runs once per
-    slice (and flip). `stage` and `slice_smoothing`: one for all models, or one per model; a
-    model listed several times (e.g. once per stage, or per smoothing) runs once. Returns one
-    (D, H, W) label volume per entry."""
+    slice (and test-time transform). `stage` and `slice_smoothing`: one for all models, or one
+    per model; a model listed several times (e.g. once per stage, or per smoothing) runs once.
+    Returns one (D, H, W) label volume per entry."""
     stages = [stage] * len(models) if isinstance(stage, str) else list(stage)
     sigmas = (
         list(slice_smoothing)
@@ -305,20 +320,20 @@ def predict_volume_shared_prefix(
     ]
     for model in models:
         model.eval()
-    flips = TTA_FLIPS[tta]
+    transforms = TTA_TRANSFORMS[tta]
     for index, x in _model_batches(models[0], volume, batch_size, device):
         sums: list[torch.Tensor | None] = [None] * len(models)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            for dims in flips:
-                prefix = models[0].encode_prefix(_flipped(x, dims), prefix_units)
+            for transform in transforms:
+                prefix = models[0].encode_prefix(_transformed(x, transform), prefix_units)
                 finished: dict[int, HSAMOutput] = {}
                 for i, model in enumerate(models):
                     if id(model) not in finished:
                         finished[id(model)] = model(prefix, start_unit=prefix_units)
                     out = finished[id(model)]
-                    probs = _flipped(stage_probabilities(out, stages[i]).float(), dims)
+                    probs = _restored(stage_probabilities(out, stages[i]).float(), transform)
                     sums[i] = probs if sums[i] is None else sums[i] + probs
         for volume_probs, total in zip(outputs, sums, strict=True):
             assert total is not None
-            volume_probs.add(index, total / len(flips), models[0].input_resize)
+            volume_probs.add(index, total / len(transforms), models[0].input_resize)
     return [volume_probs.finish()[0] for volume_probs in outputs]
