@@ -163,10 +163,14 @@ def test_ground_truth_survives_the_trip_to_s_and_back(dataset, resize):
 
 
 # pad: ACDC frames are not square, so the aspect-keeping path is exercised end to end, on
-# raw predictions; stretch carries inference defaults (the recipe's largest component and a
-# slice smoothing), which validation and evaluate both apply.
-RECIPE_INFERENCE = ["inference.slice_smoothing=1", "inference.postprocess=largest_component"]
-RAW_INFERENCE = ["inference.slice_smoothing=0", "inference.postprocess=none"]
+# raw predictions; stretch carries inference defaults (the recipe's largest component and
+# quarter-turn averaging, and a slice smoothing), which validation and evaluate both apply.
+RECIPE_INFERENCE = [
+    "inference.slice_smoothing=1",
+    "inference.postprocess=largest_component",
+    "inference.tta=rot90",
+]
+RAW_INFERENCE = ["inference.slice_smoothing=0", "inference.postprocess=none", "inference.tta=none"]
 
 
 @pytest.mark.parametrize(
