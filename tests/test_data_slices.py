@@ -19,6 +19,7 @@ from hsam.data import (
     resize_label,
 )
 from hsam.errors import DataError
+from hsam.intensity import to_model_range
 
 
 def _case(cid: str = "c1", d: int = 4, h: int = 20, w: int = 30, k: int = 3) -> Case:
@@ -136,6 +137,14 @@ def test_slice_files_intensity_policy_is_fitted_per_volume(tmp_path: Path) -> No
     assert peaks == pytest.approx([1.0, 0.5, 1.0, 1.0], abs=1e-5)
     plain = SliceDataset.from_slice_list("acdc", tmp_path, ids, (8, 9), image_order=1)
     assert float(plain[1]["image"].max()) == pytest.approx(0.25, abs=1e-5)
+    # histogram landmarks too are the volume's, not each slice's
+    policy = "percentile[0,100]+landmarks[0.05,0.2,0.3,0.4,0.45,0.5,0.55,0.6,0.7,0.8,0.95]"
+    standardised = SliceDataset.from_slice_list(
+        "acdc", tmp_path, ids, (8, 9), image_order=1, intensity=(policy, "minmax")
+    )
+    volume = to_model_range(np.stack([ramp * 0.5, ramp * 0.25]), policy)
+    for i in range(2):
+        np.testing.assert_allclose(standardised[i]["image"][0].numpy(), volume[i], atol=1e-6)
     with h5py.File(h5_dir / "patient001_frame01_slice_2.h5", "r+") as f:
         f["image"][0, 0] = np.nan
     with pytest.raises(DataError, match="patient001_frame01.*NaN"):

@@ -753,3 +753,49 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     assert proc.returncode == 130, text[-2000:]
     assert "interrupted; resume with --resume" in text
     assert "Traceback" not in text
+
+
+def test_histogram_standardisation_fits_training_landmarks_into_the_checkpoint(tmp_path):
+    """data.histogram_standardization: the policy names the mean landmarks of the training
+    volumes (not the validation one), the checkpoint carries it and predict applies it."""
+    from hsam.data import read_dataset
+    from hsam.engine.data import build_run_data
+    from hsam.inference.predictor import Predictor
+    from hsam.intensity import split_landmarks, to_model_range, volume_landmarks
+
+    cfg = load_run_config(
+        tiny_run_config(tmp_path, epochs=1), ["data.histogram_standardization=true"]
+    )
+    run = run_training(cfg, tmp_path / "run")
+    ckpt = run.run_dir / "checkpoints" / "final.pt"
+    policy = torch.load(ckpt, weights_only=True)["meta"]["intensity_policy"]
+    base, reference = split_landmarks(policy)
+    assert base == "percentile[0.5,99.5]" and reference is not None
+    split = json.loads((run.run_dir / "split.json").read_text())
+    train = read_dataset("nnunet", cfg.data.root, split["train"])
+    expected = np.mean([volume_landmarks(to_model_range(c.image, base)) for c in train], axis=0)
+    np.testing.assert_allclose(reference, expected, atol=5e-5)
+    (val,) = read_dataset("nnunet", cfg.data.root, split["val"])
+    with_val = np.mean(
+        [volume_landmarks(to_model_range(c.image, base)) for c in [*train, val]], axis=0
+    )
+    assert np.abs(with_val - expected).max() > 1e-3  # the validation volume is left out
+    predictor = Predictor.from_checkpoint(ckpt, device="cpu")
+    np.testing.assert_array_equal(
+        predictor.to_model_range(val.image), to_model_range(val.image, policy)
+    )
+    assert not np.array_equal(to_model_range(val.image, policy), to_model_range(val.image, base))
+
+    with pytest.raises(ConfigError, match="already names histogram landmarks"):
+        load_run_config(None, [f"data.intensity={policy}", "data.histogram_standardization=true"])
+    slices = load_run_config(
+        None,
+        [
+            f"data.root={tmp_path}",
+            "data.format=acdc",
+            "data.train_slices_list=slices.list",
+            "data.histogram_standardization=true",
+        ],
+    )
+    with pytest.raises(ConfigError, match="not on slice files"):
+        build_run_data(slices.data, slices.train, 64, num_classes=1)

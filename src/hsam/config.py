@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from hsam.errors import ConfigError, DataError
-from hsam.intensity import parse_policy
+from hsam.intensity import parse_policy, split_landmarks
 
 logger = logging.getLogger(__name__)
 
@@ -334,6 +334,11 @@ class DataConfig:
     # percentile[0.5,99.5]; ACDC slice files: minmax, as SSL4MIS prepared them). For slice
     # files a percentile policy is computed over all listed slices of each volume.
     intensity: str | None = None
+    # Histogram standardisation [ours; Nyul & Udupa 2000]: after the policy above, each
+    # volume's percentiles 1, 10..90, 99 are mapped onto the training volumes' mean ones,
+    # which the policy then names (`+landmarks[...]`, hsam.intensity) and the checkpoint
+    # carries to predict/evaluate. Volume data only (data.train_list / train_cases).
+    histogram_standardization: bool = False
 
     def __post_init__(self) -> None:
         _at_least("data.val_cases", self.val_cases, 0)
@@ -344,6 +349,12 @@ class DataConfig:
                 parse_policy(self.intensity)
             except DataError as e:
                 raise ConfigError(f"data.intensity: {e}") from None
+            if self.histogram_standardization and split_landmarks(self.intensity)[1] is not None:
+                raise ConfigError(
+                    "data.intensity already names histogram landmarks; drop them or set "
+                    "data.histogram_standardization: false (which fits them on the training "
+                    "volumes)."
+                )
 
 
 @dataclass

@@ -27,7 +27,7 @@ from hsam.data.case import Case
 from hsam.data.formats import REGISTRY, get_format, slice_files_format
 from hsam.data.formats.common import parse_slice_id, slice_id
 from hsam.errors import DataError
-from hsam.intensity import apply_bounds, model_range_bounds
+from hsam.intensity import VolumeMapping, fit_volume_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -139,21 +139,19 @@ def _read_slice_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return slice_files.read(path)
 
 
-def _volume_bounds(
-    files: Sequence[Path], policy: str, already: str
-) -> dict[str, tuple[float, float]]:
-    """Intensity bounds of `policy` per volume, over all of that volume's slice files."""
+def _volume_mappings(files: Sequence[Path], policy: str, already: str) -> dict[str, VolumeMapping]:
+    """`policy` fitted per volume, over all of that volume's slice files."""
     groups: dict[str, list[Path]] = {}
     for p in files:
         groups.setdefault(parse_slice_id(p.name.split(".")[0])[0], []).append(p)
-    bounds = {}
+    mappings = {}
     for case_id, group in groups.items():
         values = np.concatenate([_read_slice_file(p)[0].ravel() for p in group])
         try:
-            bounds[case_id] = model_range_bounds(values, policy, already=already)
+            mappings[case_id] = fit_volume_mapping(values, policy, already=already)
         except DataError as e:
             raise DataError(f"volume {case_id} ({group[0].parent}): {e}") from None
-    return bounds
+    return mappings
 
 
 class SliceDataset(Dataset):
@@ -205,8 +203,8 @@ class SliceDataset(Dataset):
         self.epoch = 0
         self._cases: list[Case] = list(cases)
         self._files: list[Path] = []
-        # (low, high) intensity bounds per case id, applied to slice files (from_slice_files)
-        self._bounds: dict[str, tuple[float, float]] = {}
+        # the intensity policy fitted per case id, applied to slice files (from_slice_files)
+        self._intensity: dict[str, VolumeMapping] = {}
         self._items: list[tuple[str, int, int]] = []  # (case_id, slice_index, source index)
         wanted = None if slice_ids is None else {parse_slice_id(s) for s in slice_ids}
         for ci, case in enumerate(self._cases):
@@ -251,7 +249,7 @@ class SliceDataset(Dataset):
         ``<frame>_slice_N.h5``. Files are read lazily per item (and once at construction
         when ``foreground_only`` or ``intensity``). ``kwargs`` as in the constructor.
 
-        ``intensity``: ``(policy, already)`` of :func:`hsam.intensity.model_range_bounds`,
+        ``intensity``: ``(policy, already)`` of :func:`hsam.intensity.fit_volume_mapping`,
         fitted once per volume over all of its given slices (before the foreground filter),
         so the slices of a volume share one mapping as the whole volume does at test time.
         """
@@ -261,7 +259,7 @@ class SliceDataset(Dataset):
             if not p.is_file():
                 raise DataError(f"slice file {p} does not exist; check the root and split list.")
         if intensity is not None:
-            ds._bounds = _volume_bounds(files, *intensity)
+            ds._intensity = _volume_mappings(files, *intensity)
         for p in files:
             case_id, index = parse_slice_id(p.name.split(".")[0])
             if foreground_only and not _read_slice_file(p)[1].any():
@@ -365,8 +363,8 @@ class SliceDataset(Dataset):
         index %= len(self)
         case_id, d, _ = self._items[index]
         image, label = self.raw_slice(index)
-        if case_id in self._bounds:
-            image = apply_bounds(image, self._bounds[case_id])
+        if case_id in self._intensity:
+            image = self._intensity[case_id](image)
         if self.augment is not None:
             if isinstance(self.augment, Augmenter) and self.seed is not None:
                 # one generator per (seed, epoch, sample): independent of worker count/order

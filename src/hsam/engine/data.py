@@ -28,8 +28,14 @@ from hsam.data import (
     standard_split_path,
 )
 from hsam.data.formats import get_format
-from hsam.errors import DataError
-from hsam.intensity import policy_for, to_model_range
+from hsam.errors import ConfigError, DataError
+from hsam.intensity import (
+    LANDMARK_PERCENTILES,
+    policy_for,
+    to_model_range,
+    volume_landmarks,
+    with_landmarks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +56,21 @@ class RunData:
 def prepare_case(case: Case, policy: str) -> Case:
     """The case with its image mapped to the model's [0, 1] input range."""
     return replace(case, image=to_model_range(case.image, policy, already=case.intensity))
+
+
+def _standardizing(policy: str, train_cases: list[Case]) -> str:
+    """`policy` with histogram standardisation onto the mean landmarks of `train_cases`."""
+    landmarks = [volume_landmarks(prepare_case(c, policy).image) for c in train_cases]
+    reference = np.mean(landmarks, axis=0)
+    median = LANDMARK_PERCENTILES.index(50.0)
+    logger.info(
+        "histogram standardisation onto the mean landmarks of %d training volume(s); their "
+        "medians %s -> %.3f",
+        len(landmarks),
+        ", ".join(f"{lm[median]:.3f}" for lm in landmarks),
+        reference[median],
+    )
+    return with_landmarks(policy, reference)
 
 
 def _augmenter(cfg: TrainConfig) -> Augmenter | None:
@@ -127,6 +148,13 @@ def build_run_data(
     augment = _augmenter(train)
     val_cases: list[Case] = []
     if data.train_slices_list:
+        if data.histogram_standardization:
+            raise ConfigError(
+                "data.histogram_standardization fits its landmarks on training volumes "
+                "(data.train_list / train_cases), not on slice files "
+                "(data.train_slices_list); turn it off, or give the landmarks in "
+                "data.intensity ('...+landmarks[v1,...,v11]')."
+            )
         slice_ids = read_id_list(data.train_slices_list)
         if data.train_slices is not None:
             slice_ids = slice_ids[: data.train_slices]
@@ -172,6 +200,8 @@ def build_run_data(
         for case in cases:
             case.validate(num_classes)
         policy = data.intensity or policy_for(cases[0].intensity)
+        if data.histogram_standardization:
+            policy = _standardizing(policy, cases[: len(train_ids)])
         cases = [prepare_case(c, policy) for c in cases]
         train_cases = cases[: len(train_ids)]
         val_cases = cases[len(train_ids) :]
