@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from hsam.config import (
+    DataConfig,
     InferenceConfig,
     ModelConfig,
     RunConfig,
@@ -453,6 +454,15 @@ def _threads_note(records: list[dict[str, Any]]) -> str:
     return f"{low if low == high else f'{low}-{high}'} torch threads per training run"
 
 
+def _intensity_note(data: DataConfig) -> str:
+    """What the protocol does to intensities beyond the format's default policy ('' if
+    nothing), as a clause of the protocol line."""
+    notes = [f"intensity {data.intensity}"] if data.intensity else []
+    if data.histogram_standardization:
+        notes.append("histogram standardisation onto the training volumes' mean landmarks")
+    return "".join(f"; {note}" for note in notes)
+
+
 def _evaluation_note(seconds: float, reused: int, runs: int, per_run: int = 1) -> str:
     """`per_run` evaluations of each of `runs` runs (2 with slice smoothing), `reused` of
     them from earlier calls."""
@@ -500,6 +510,7 @@ def render(
         f"{t.batch_size}, lr {t.base_lr}, {t.augmented_views} cached augmented views, "
         f"{t.precision}; training slices: "
         + ("only those with label (data.foreground_only)" if d.foreground_only else "all")
+        + _intensity_note(d)
         + "; stage weight "
         + (
             f"over the run ({t.stage_weight_horizon}-epoch schedule)"

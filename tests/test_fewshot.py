@@ -94,6 +94,19 @@ def test_evaluation_note_says_what_was_evaluated(fewshot):
     assert fewshot._evaluation_note(5.0, 8, 4, 2).startswith("test evaluations of all 4 runs")
 
 
+def test_intensity_note_names_what_the_protocol_changes(fewshot):
+    from hsam.config import DataConfig
+
+    assert fewshot._intensity_note(DataConfig()) == ""
+    note = fewshot._intensity_note(
+        DataConfig(intensity="percentile[1,99]", histogram_standardization=True)
+    )
+    assert note == (
+        "; intensity percentile[1,99]; histogram standardisation onto the training volumes' "
+        "mean landmarks"
+    )
+
+
 def test_threads_note_reports_the_training_runs_threads(fewshot, monkeypatch):
     monkeypatch.setattr(fewshot.torch, "get_num_threads", lambda: 8)
     one = [{"torch_threads": 1}, {"torch_threads": 1}]
