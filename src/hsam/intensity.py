@@ -19,8 +19,9 @@ A model policy may end in `+landmarks[v1,...,v11]`: histogram standardisation (N
 2000). After the base policy, the volume's own percentiles :data:`LANDMARK_PERCENTILES` are
 mapped piecewise linearly onto these reference values (the mean landmarks of a run's training
 volumes, so a checkpoint carries them); 0 and 1 stay in place, so the outermost segments run
-from 0 to the first and from the last landmark to 1. It undoes monotone contrast differences between scans (an MR blood pool that one
-scanner renders at 0.33 of the range and another at 0.8), which a per-volume min-max cannot.
+from 0 to the first and from the last landmark to 1. It undoes monotone contrast differences
+between scans (an MR blood pool that one scanner renders at 0.33 of the range and another at
+0.8), which a per-volume min-max cannot.
 
 :func:`apply_intensity` applies any name; :func:`to_model_range` applies a model policy
 (:func:`parse_policy`) and takes into account what a reader already did.
