@@ -63,7 +63,7 @@ def test_a_policy_that_names_landmarks_does_not_take_a_second_set():
 
 
 def test_standardisation_puts_each_scan_on_the_reference_landmarks():
-    """A scan whose contrast differs by a monotone curve (gamma, a darkened middle) lands
+    """A scan whose contrast differs by a monotone curve (its square, its square root) lands
     on the reference landmarks, where the min-max policy alone leaves it far off."""
     reference = _reference()
     policy = with_landmarks(BASE, reference)
