@@ -39,14 +39,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     root = Path(args.root)
     groups = {"train": read_id_list("standard:la_4"), "test": read_id_list(str(root / "test.list"))}
+    train_cases = {case.case_id: case for case in read_dataset("la", root, groups["train"])}
     train_landmarks = {
         case_id: volume_landmarks(to_model_range(case.image, POLICY, already=case.intensity))
-        for case_id in groups["train"]
-        for case in read_dataset("la", root, [case_id])
+        for case_id, case in train_cases.items()
+        if args.standardize
     }
     for group, ids in groups.items():
         for case_id in ids:
-            (case,) = read_dataset("la", root, [case_id])
+            case = train_cases.get(case_id) or read_dataset("la", root, [case_id])[0]
             inside, outside = _medians(case, POLICY)
             line = f"{group} {case_id}: label {inside:.2f}, outside {outside:.2f}"
             if args.standardize:
